@@ -1,0 +1,10 @@
+"""Thin model package shared by the pi_RL scripts: build, load and save pi0 / pi0.5 policies.
+
+The RL algorithms live in the top-level scripts; this package only knows the model."""
+
+from .checkpoint import load_checkpoint, load_pretrained, openpi_to_ours, save_checkpoint
+from .model import PRESETS, Prefix, VLAConfig, VLAPolicy, build
+from .normalize import Normalizer
+
+__all__ = ["PRESETS", "Prefix", "VLAConfig", "VLAPolicy", "build", "Normalizer", "save_checkpoint",
+           "load_checkpoint", "load_pretrained", "openpi_to_ours"]

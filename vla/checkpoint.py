@@ -1,0 +1,146 @@
+"""Checkpoints: our own (safetensors + JSON, written atomically) and openpi / LeRobot pi0 directories.
+
+Nothing here unpickles: weights are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import VLAConfig, VLAPolicy, build
+from .normalize import Normalizer
+
+WEIGHTS, CONFIG, NORM, META = "model.safetensors", "config.json", "norm_stats.json", "meta.json"
+
+# openpi PyTorch key prefixes -> ours (LeRobot adds "model." in front of all of them).
+_PREFIXES = {
+    "paligemma_with_expert.paligemma.model.": "pi0.model.vlm.",
+    "paligemma_with_expert.gemma_expert.model.": "pi0.model.dit.",
+    "action_out_proj.": "pi0.action_out_proj.",
+    **{f"{n}.": f"pi0.embed_action_time.{n}." for n in
+       ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out", "time_mlp_in", "time_mlp_out")},
+}
+_TIED_LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"  # tied to the VLM's token embeddings
+
+
+def _need_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        old = Path(f"{path}.old")
+        if old.is_dir():  # a crash between the two renames of save_checkpoint left the last good one here
+            return old
+        raise FileNotFoundError(f"{what} directory {path} does not exist")
+    return path
+
+
+def _need_file(path: Path, hint: str = "") -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing{hint}")
+    return path
+
+
+def load_state_checked(model: VLAPolicy, tensors: dict[str, torch.Tensor], source: str):
+    """Copy `tensors` into `model`, failing on the first shape mismatch, missing or unexpected key by name."""
+    own = model.state_dict()
+    for k, v in tensors.items():
+        if k not in own:
+            raise KeyError(f"{source}: unexpected key {k!r} (not in a {model.config.preset} model)")
+        if v.shape != own[k].shape:
+            raise ValueError(f"{source}: shape of {k!r} is {tuple(v.shape)}, the config expects "
+                             f"{tuple(own[k].shape)}: the checkpoint does not match this preset/config")
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        raise KeyError(f"{source}: {len(missing)} keys missing, first {missing[0]!r}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def save_checkpoint(path: str | Path, policy: VLAPolicy, normalizer: Normalizer | None = None,
+                    extra: dict[str, torch.Tensor] | None = None, meta: dict | None = None):
+    """Write path/{model.safetensors, config.json, norm_stats.json, meta.json}. `extra` holds tensors the
+    scripts own (value/noise heads, optimiser state) under names that must not clash with the policy's.
+    The directory is built beside the target and swapped in, so a crash never leaves a half-written one."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
+    for k, v in (extra or {}).items():
+        if k in tensors:
+            raise KeyError(f"extra tensor name {k!r} clashes with a policy weight")
+        tensors[k] = v.detach().contiguous().cpu()
+    tmp, old = Path(f"{path}.tmp"), Path(f"{path}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    (tmp / CONFIG).write_text(json.dumps(dataclasses.asdict(policy.config), indent=2))
+    (tmp / META).write_text(json.dumps(meta or {}, indent=2))
+    if normalizer is not None:
+        normalizer.save(tmp / NORM)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Our checkpoint -> (policy, normalizer or None, extra tensors, meta)."""
+    path = _need_dir(Path(path), "checkpoint")
+    cfg = json.loads(_need_file(path / CONFIG, " (not a checkpoint written by save_checkpoint?)").read_text())
+    policy = VLAPolicy(VLAConfig(**cfg))
+    tensors = _read_safetensors([_need_file(path / WEIGHTS)])
+    own = set(policy.state_dict())
+    load_state_checked(policy, {k: v for k, v in tensors.items() if k in own}, str(path / WEIGHTS))
+    norm = Normalizer.load(path / NORM, policy.config.norm_mode) if (path / NORM).exists() else None
+    meta = json.loads((path / META).read_text()) if (path / META).exists() else {}
+    extra = {k: v.to(map_location) for k, v in tensors.items() if k not in own}
+    return policy.to(map_location), norm, extra, meta
+
+
+def openpi_to_ours(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename openpi-layout (or LeRobot-layout: everything under "model.") pi0/pi0.5 keys to ours."""
+    if tensors and all(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items()}
+    out = {}
+    for k, v in tensors.items():
+        for src, dst in _PREFIXES.items():
+            if k.startswith(src):
+                out[dst + k[len(src):]] = v
+                break
+    embed = "pi0.model.vlm.language_model.embed_tokens.weight"
+    if embed not in out and _TIED_LM_HEAD in tensors:
+        out[embed] = tensors[_TIED_LM_HEAD]
+    return out  # anything else (the expert's unused lm_head) is dropped on purpose
+
+
+def load_pretrained(path: str | Path, preset: str = "pi0", action_dim: int = 7, state_dim: int = 8,
+                    asset_id: str | None = None, **overrides):
+    """An openpi or LeRobot pi0/pi0.5 directory (*.safetensors, norm stats under <asset_id>/norm_stats.json or
+    assets/<asset_id>/norm_stats.json) -> (policy, normalizer or None)."""
+    path = _need_dir(Path(path), "pretrained checkpoint")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {path}")
+    policy = build(preset, action_dim, state_dim, **overrides)
+    load_state_checked(policy, openpi_to_ours(_read_safetensors(files)), str(path))
+    stats = sorted(path.glob("norm_stats.json")) + sorted(path.glob("*/norm_stats.json")) + \
+        sorted(path.glob("assets/*/norm_stats.json"))
+    if asset_id is not None:
+        stats = [s for s in stats if s.parent.name == asset_id]
+        if not stats:
+            raise FileNotFoundError(f"no norm_stats.json for asset_id {asset_id!r} under {path}")
+    if len(stats) > 1:
+        raise ValueError(f"several norm stats under {path}: {[str(s) for s in stats]}; pass asset_id=")
+    return policy, (Normalizer.load(stats[0], policy.config.norm_mode) if stats else None)

@@ -1,0 +1,306 @@
+"""pi0 / pi0.5 policy on transformers' PI0: presets, prefix encoding, velocity of the action expert.
+
+The VLM (PaliGemma) runs once per observation batch over the prefix [images, prompt] and leaves a KV cache;
+the action expert then runs over the suffix ([state token,] H action tokens) for any (x_t, t) against that
+cache. Time runs from t=1 (noise) to t=0 (action), as in openpi.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoTokenizer, PI0Config, PI0ForConditionalGeneration
+from transformers.cache_utils import DynamicCache
+from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaModel
+from transformers.models.pi0.modeling_pi0 import PI0TimestepEmbeddings
+
+# Widths of the three presets. `tiny` is the CPU default: the same architecture at a size that runs a
+# batch-16 denoising step in milliseconds. The VLM text model and the expert must share depth, KV heads and
+# head_dim because the expert attends to the VLM's per-layer keys/values.
+_PI0_REAL = dict(
+    variant="pi0", text_hidden=2048, depth=18, text_mlp=16384, text_heads=8, kv_heads=1, head_dim=256,
+    vocab=257152, vision_hidden=1152, vision_layers=27, vision_mlp=4304, vision_heads=16, image_size=224,
+    patch=14, expert_hidden=1024, expert_mlp=4096, expert_heads=8, chunk_size=50, max_action_dim=32,
+    max_state_dim=32, max_cameras=3, max_prompt_tokens=48, tokenizer="bytes",
+)
+PRESETS = {
+    "tiny": dict(
+        variant="pi0", text_hidden=64, depth=2, text_mlp=128, text_heads=2, kv_heads=1, head_dim=16, vocab=260,
+        vision_hidden=32, vision_layers=1, vision_mlp=64, vision_heads=2, image_size=28, patch=14,
+        expert_hidden=64, expert_mlp=128, expert_heads=2, chunk_size=8, max_action_dim=8, max_state_dim=64,
+        max_cameras=3, max_prompt_tokens=32, tokenizer="bytes",
+    ),
+    "pi0": _PI0_REAL,
+    # pi0.5: adaRMS time conditioning, state discretised into the (longer) prompt, no state token.
+    "pi05": {**_PI0_REAL, "variant": "pi05", "max_prompt_tokens": 200},
+}
+
+
+@dataclass
+class VLAConfig:
+    """Everything needed to rebuild a policy; stored as config.json next to the weights."""
+
+    preset: str = "tiny"
+    action_dim: int = 7  # the env's real action dims (<= max_action_dim; the rest is zero padding)
+    state_dim: int = 8  # the env's real state dims (<= max_state_dim)
+    norm_mode: str = "zscore"  # "zscore" (pi0) or "quantile" (pi0.5)
+    overrides: dict = dataclasses.field(default_factory=dict)  # preset fields changed by the user
+
+    def spec(self) -> dict:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        unknown = set(self.overrides) - set(PRESETS[self.preset])
+        if unknown:
+            raise ValueError(f"unknown preset fields {sorted(unknown)}; valid: {sorted(PRESETS[self.preset])}")
+        s = {**PRESETS[self.preset], **self.overrides}
+        if self.action_dim > s["max_action_dim"] or self.state_dim > s["max_state_dim"]:
+            raise ValueError(
+                f"action_dim {self.action_dim} / state_dim {self.state_dim} exceed the preset's max_action_dim "
+                f"{s['max_action_dim']} / max_state_dim {s['max_state_dim']}: raise them with overrides"
+            )
+        return s
+
+
+def pi0_config(s: dict) -> PI0Config:
+    text = dict(model_type="gemma", hidden_size=s["text_hidden"], num_hidden_layers=s["depth"],
+                intermediate_size=s["text_mlp"], num_attention_heads=s["text_heads"],
+                num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"], vocab_size=s["vocab"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=s["vision_hidden"], intermediate_size=s["vision_mlp"],
+                  num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
+                  image_size=s["image_size"], patch_size=s["patch"], vision_use_head=False)
+    expert = dict(model_type="gemma", hidden_size=s["expert_hidden"], num_hidden_layers=s["depth"],
+                  intermediate_size=s["expert_mlp"], num_attention_heads=s["expert_heads"],
+                  num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"])
+    vlm = dict(model_type="paligemma", text_config=text, vision_config=vision, projection_dim=s["text_hidden"],
+               image_token_id=s["vocab"])
+    return PI0Config(vlm_config=vlm, dit_config=expert, chunk_size=s["chunk_size"],
+                     max_action_dim=s["max_action_dim"], max_state_dim=s["max_state_dim"])
+
+
+# ---------------------------------------------------------------------------------------------- pi0.5 modules
+class AdaNorm(nn.Module):
+    """adaRMS: RMS-normalise, then scale/shift from the time condition; also returns the residual gate."""
+
+    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.dense = nn.Linear(cond_dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        scale, shift, gate = self.dense(cond)[:, None, :].chunk(3, dim=-1)  # each [B, 1, dim]
+        return (normed * (1 + scale) + shift).type_as(x), gate.type_as(x)
+
+
+class AdaDecoderLayer(GemmaDecoderLayer):
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.input_layernorm = AdaNorm(config.hidden_size, config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = AdaNorm(config.hidden_size, config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states, adarms_cond=None, **kwargs):
+        h, gate = self.input_layernorm(hidden_states, adarms_cond)
+        h, _ = self.self_attn(hidden_states=h, **kwargs)
+        hidden_states = hidden_states + h * gate
+        h, gate = self.post_attention_layernorm(hidden_states, adarms_cond)
+        return hidden_states + self.mlp(h) * gate
+
+
+class AdaGemmaModel(GemmaModel):
+    """Gemma expert whose every norm (final one included) is conditioned on the flow time."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.layers = nn.ModuleList(AdaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = AdaNorm(config.hidden_size, config.hidden_size, config.rms_norm_eps)
+        for norm in [self.norm] + [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+            # Zero weights as in pi0.5; bias gives scale=shift=0, gate=1 so a fresh expert is a plain Gemma.
+            nn.init.zeros_(norm.dense.weight)
+            nn.init.zeros_(norm.dense.bias)
+            norm.dense.bias.data[2 * config.hidden_size:] = 1.0
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, cache, adarms_cond, **kwargs):
+        h = inputs_embeds
+        rope = self.rotary_emb(h, position_ids=position_ids)
+        for layer in self.layers:
+            h = layer(h, adarms_cond=adarms_cond, attention_mask=attention_mask, position_ids=position_ids,
+                      cache=cache, use_cache=True, position_embeddings=rope)
+        return self.norm(h, adarms_cond)[0]
+
+
+class PI05TimeEmbedding(nn.Module):
+    """pi0.5 suffix: actions are projected alone; the time goes to the adaRMS condition through an MLP."""
+
+    def __init__(self, config: PI0Config):
+        super().__init__()
+        width = config.dit_config.hidden_size
+        self.sinusoid_embeds = PI0TimestepEmbeddings(config)
+        self.action_in_proj = nn.Linear(config.max_action_dim, width)
+        self.time_mlp_in = nn.Linear(width, width)
+        self.time_mlp_out = nn.Linear(width, width)
+
+    def forward(self, x_t, t):
+        cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(self.sinusoid_embeds(t).to(x_t.dtype)))))  # [B, W]
+        return self.action_in_proj(x_t), cond
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+class ByteTokenizer:
+    """Offline tokenizer: UTF-8 bytes shifted past pad=0 / bos=1. Used by every preset unless a local
+    PaliGemma tokenizer directory is configured (real checkpoints need their own tokenizer)."""
+
+    pad_token_id, bos_token_id = 0, 1
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_token_id] + [b + 2 for b in text.encode("utf-8")]
+
+
+def additive(see: torch.Tensor, dtype) -> torch.Tensor:
+    """Boolean visibility -> additive attention mask (works for both the sdpa and the eager kernels)."""
+    return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill_(~see, torch.finfo(dtype).min)
+
+
+@dataclass
+class Prefix:
+    """What one VLM pass over an observation batch leaves for the expert."""
+
+    cache: DynamicCache  # per-layer keys/values of the prefix, length P
+    mask: torch.Tensor  # [B, P] bool, valid prefix tokens
+    features: torch.Tensor  # [B, D_vlm] masked mean of the VLM output (pi0.5-style critic input)
+    state: torch.Tensor | None  # [B, max_state_dim] normalised, padded state for pi0's state token
+    length: int
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, config: VLAConfig):
+        super().__init__()
+        self.config = config
+        self.spec = spec = config.spec()
+        self.pi05 = spec["variant"] == "pi05"
+        self.pi0 = PI0ForConditionalGeneration(pi0_config(spec))
+        self.pi0.model.dit.embed_tokens = None  # the expert only takes embeddings: drop its 257k-row table
+        if self.pi05:
+            hf = self.pi0.config
+            self.pi0.embed_action_time = PI05TimeEmbedding(hf)
+            self.pi0.model.dit = AdaGemmaModel(hf.dit_config)
+            self.pi0.model.dit.embed_tokens = None
+        tok = spec["tokenizer"]
+        self.tokenizer = ByteTokenizer() if tok == "bytes" else AutoTokenizer.from_pretrained(tok, local_files_only=True)
+        self._token_cache: dict[str, list[int]] = {}
+        self.vlm_frozen = False
+
+    @property
+    def vlm(self):
+        return self.pi0.model.vlm
+
+    def freeze_vlm(self, frozen: bool = True):
+        """RL trains only the expert, projections and heads: the VLM gets no gradients and runs in no_grad."""
+        self.vlm_frozen = frozen
+        self.vlm.requires_grad_(not frozen)
+        return self
+
+    # ------------------------------------------------------------------ prefix
+    def tokenize(self, prompts: list[str], states: torch.Tensor | None = None):
+        """Token ids [B, L] and mask [B, L]; pi0.5 writes the state (in [-1, 1]) as 256 bins into the prompt."""
+        L = self.spec["max_prompt_tokens"]
+        ids = torch.zeros(len(prompts), L, dtype=torch.long)  # [B, L]
+        mask = torch.zeros(len(prompts), L, dtype=torch.bool)  # [B, L]
+        if self.pi05:
+            bins = np.digitize(states.detach().float().cpu().numpy(), np.linspace(-1, 1, 257)[:-1]) - 1
+        for i, p in enumerate(prompts):
+            text = p.strip().replace("_", " ").replace("\n", " ").lower()
+            if self.pi05:
+                text = f"Task: {text}, State: {' '.join(map(str, bins[i]))};\nAction: "
+            else:
+                text = text + "\n"
+            if text not in self._token_cache:  # prompts repeat every step of a rollout
+                self._token_cache[text] = self.tokenizer.encode(text)[:L]
+            t = self._token_cache[text]
+            ids[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(t)] = True
+        return ids, mask
+
+    def encode_prefix(self, state: torch.Tensor, prompts: list[str], images: torch.Tensor | None = None,
+                      image_mask: torch.Tensor | None = None) -> Prefix:
+        """state [B, state_dim] (normalised); images [B, N, H, W, 3] uint8 or None (state-only mode);
+        image_mask [B, N] bool marks cameras present per sample."""
+        B, dev = state.shape[0], state.device
+        if state.shape[1] != self.config.state_dim:
+            raise ValueError(f"state has {state.shape[1]} dims, the policy was built for {self.config.state_dim}")
+        expert_dtype = self.pi0.action_out_proj.weight.dtype
+        state = F.pad(state.to(expert_dtype), (0, self.spec["max_state_dim"] - state.shape[1]))  # [B, max_state_dim]
+        ids, mask = self.tokenize(prompts, state[:, : self.config.state_dim] if self.pi05 else None)
+        ids, mask = ids.to(dev), mask.to(dev)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vlm_frozen):
+            lm = self.vlm.language_model
+            embeds = lm.embed_tokens(ids)  # [B, L, D]
+            if images is not None:
+                N = images.shape[1]
+                if N > self.spec["max_cameras"]:
+                    raise ValueError(f"{N} cameras given, the model takes at most {self.spec['max_cameras']}")
+                x = images.flatten(0, 1).permute(0, 3, 1, 2).float()  # [B*N, 3, H, W]
+                x = x / 127.5 - 1.0 if images.dtype == torch.uint8 else x
+                S = self.spec["image_size"]
+                if x.shape[-1] != S or x.shape[-2] != S:
+                    x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
+                feats = self.vlm.get_image_features(x.to(embeds.dtype)).pooler_output  # [B*N, T, D]
+                T = feats.shape[1]
+                embeds = torch.cat([feats.reshape(B, N * T, -1), embeds], 1)  # [B, N*T + L, D]
+                cam = torch.ones(B, N, dtype=torch.bool, device=dev) if image_mask is None else image_mask.to(dev)
+                mask = torch.cat([cam.repeat_interleave(T, 1), mask], 1)
+            P = embeds.shape[1]
+            # Prefix is bidirectional over valid tokens; padded queries see themselves so no row is all -inf.
+            see = mask[:, None, :] | torch.eye(P, dtype=torch.bool, device=dev)  # [B, P, P]
+            cache = DynamicCache(config=lm.config)
+            out = lm(inputs_embeds=embeds, attention_mask=additive(see[:, None], embeds.dtype), position_ids=mask.long().cumsum(-1) - 1,
+                     cache=cache, use_cache=True).last_hidden_state  # [B, P, D]
+            m = mask[..., None].to(out.dtype)
+            features = (out * m).sum(1) / m.sum(1).clamp(min=1)  # [B, D]
+        return Prefix(cache, mask, features, None if self.pi05 else state, P)
+
+    # ------------------------------------------------------------------ expert
+    def velocity(self, prefix: Prefix, x_t: torch.Tensor, t: torch.Tensor | float):
+        """v_theta(x_t, t) [B, H, max_action_dim] and the expert's action-token outputs [B, H, W].
+        The prefix cache is left exactly as it was (the expert's keys/values are cropped off)."""
+        B, H = x_t.shape[:2]
+        dev = x_t.device
+        t = torch.as_tensor(t, dtype=torch.float32, device=dev).expand(B)  # [B]
+        emb = self.pi0.embed_action_time
+        if self.pi05:
+            suffix, cond = emb(x_t, t)  # [B, H, W], [B, W]
+            kwargs = {"adarms_cond": cond}
+        else:
+            suffix = emb(prefix.state, x_t, t)  # [B, 1 + H, W]: state token then actions
+            kwargs = {}
+        S, P = suffix.shape[1], prefix.length
+        # Suffix queries see valid prefix keys; the state token sees itself; action tokens see the whole suffix.
+        attn = torch.ones(B, 1, S, P + S, dtype=torch.bool, device=dev)  # [B, 1, S, P+S]
+        attn[:, 0, :, :P] = prefix.mask[:, None, :]
+        if not self.pi05:
+            attn[:, 0, 0, P + 1:] = False
+        pos = prefix.mask.long().sum(-1, keepdim=True) + torch.arange(S, device=dev)  # [B, S]
+        try:
+            h = self.pi0.model.dit(inputs_embeds=suffix, attention_mask=additive(attn, suffix.dtype), position_ids=pos,
+                                   cache=prefix.cache, use_cache=True, **kwargs)
+            h = h if torch.is_tensor(h) else h.last_hidden_state
+        finally:
+            prefix.cache.crop(P - prefix.cache.get_seq_length())  # drop the suffix keys/values again
+        h = h[:, -H:]  # [B, H, W]
+        return self.pi0.action_out_proj(h), h
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def build(preset: str = "tiny", action_dim: int = 7, state_dim: int = 8, norm_mode: str | None = None,
+          **overrides) -> VLAPolicy:
+    """Random-init policy of a preset; `overrides` change preset fields (e.g. chunk_size=10)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    mode = norm_mode or ("quantile" if PRESETS[preset]["variant"] == "pi05" else "zscore")
+    return VLAPolicy(VLAConfig(preset, action_dim, state_dim, mode, overrides))
