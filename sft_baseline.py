@@ -136,10 +136,11 @@ class ManiSkillEnvs:
     otherwise a SyncVectorEnv of CPU envs. Both auto-reset in the same step and return the finished episode's
     last observation and metrics in `info`, so the rest of the script sees one interface."""
 
-    def __init__(self, env_id, num_envs, obs_mode, control_mode, max_steps, ignore_terminations, device):
+    def __init__(self, env_id, num_envs, obs_mode, control_mode, max_steps, ignore_terminations, device,
+                 reward_mode="normalized_dense"):
         import mani_skill.envs  # noqa: F401  (registers the tasks)
         kw = dict(obs_mode=obs_mode, control_mode=control_mode, max_episode_steps=max_steps,
-                  reward_mode="normalized_dense", render_mode="rgb_array")
+                  reward_mode=reward_mode, render_mode="rgb_array")
         self.device, self.num_envs, self.gpu = device, num_envs, device.type == "cuda"
         if self.gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv

@@ -1,0 +1,184 @@
+"""flow_sde_ppo.py: the SDE step's density and marginals, ratio 1, gradients, GAE, smoke run, errors."""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import flow_sde_ppo as sde
+import vla
+
+
+def test_sde_logp_equals_torch_normal():
+    torch.manual_seed(0)
+    N, H, D, C, A, K = 6, 8, 8, 5, 7, 4
+    x, v, x_next = torch.randn(N, H, D), torch.randn(N, H, D), torch.randn(N, H, D)
+    t = torch.tensor([1.0, 0.75, 0.5, 0.25, 1.0, 0.5])
+    mean, std = sde.sde_mean_std(x, v, t, K, 0.5)
+    ours = sde.gaussian_logp(x_next, mean, std, C, A)
+    ref = torch.distributions.Normal(mean[:, :C, :A], std.expand(N, C, A)).log_prob(x_next[:, :C, :A])
+    torch.testing.assert_close(ours, ref)  # float32: relative 1.3e-6
+    # The formulas of METHOD.md, written out: s_t = a sqrt(t/(1-t)), s_1 = a sqrt(K), std = s_t sqrt(1/K).
+    s = 0.5 * torch.sqrt(torch.where(t < 1, t / (1 - t), torch.full_like(t, float(K))))
+    torch.testing.assert_close(std.flatten(), s / 2)
+    i = 2  # t = 0.5
+    expected = x[i] - 0.25 * (v[i] + s[i] ** 2 / (2 * 0.5) * (x[i] + 0.5 * v[i]))
+    torch.testing.assert_close(mean[i], expected)
+
+
+# Analytic target: actions a ~ N(M, S^2) per entry. For x_t = t eps + (1 - t) a the exact velocity is
+# E[eps - a | x_t = x], linear in x, so the ODE, the all-SDE chain and the hybrid can be compared in closed form.
+M, S = 0.7, 0.4
+
+
+def analytic_velocity(x, t):
+    t = t[:, None, None].to(x.dtype)
+    var, mu = t**2 + (1 - t) ** 2 * S**2, (1 - t) * M
+    return t / var * (x - mu) - (M + (1 - t) * S**2 / var * (x - mu))
+
+
+class AnalyticPolicy:
+    spec = {"chunk_size": 2, "max_action_dim": 2}
+
+    def velocity(self, prefix, x, t):
+        return analytic_velocity(x, torch.as_tensor(t).expand(x.shape[0])), None
+
+
+def test_sde_keeps_ode_marginals_on_gaussian_target():
+    torch.manual_seed(0)
+    N, K = 40_000, 100
+    x_ode = torch.randn(N, 2, 2, dtype=torch.float64)
+    x_sde = x_ode.clone()
+    for k in range(K):
+        t = torch.full((N,), 1 - k / K, dtype=torch.float64)
+        x_ode = x_ode - analytic_velocity(x_ode, t) / K
+        mean, std = sde.sde_mean_std(x_sde, analytic_velocity(x_sde, t), t, K, 0.5)
+        x_sde = mean + std * torch.randn_like(x_sde)
+    args = SimpleNamespace(denoise_steps=K, noise_level=0.5, action_chunk=2)
+    x_hyb, *_ = sde.sample_chunk(AnalyticPolicy(), SimpleNamespace(mask=torch.ones(N, 1)), args, 2)
+    # With 100 steps Euler's bias is ~3% of the variance; the sampling error of each estimate is < 0.5%.
+    # A wrong sign or factor in the SDE drift moves the all-SDE variance by far more than 5%.
+    for x in (x_ode, x_sde, x_hyb.double()):
+        assert abs(x.mean().item() - M) < 0.01
+        assert abs(x.var().item() / S**2 - 1) < 0.05, x.var().item()
+    assert abs(x_sde.var().item() / x_ode.var().item() - 1) < 0.04
+    assert abs(x_hyb.var().item() / x_ode.var().item() - 1) < 0.02
+
+
+def make_policy(tmp_path=None, action_dim=7, state_dim=42, seed=0):
+    torch.manual_seed(seed)
+    policy = vla.build("tiny", action_dim=action_dim, state_dim=state_dim)
+    norm = vla.Normalizer.from_data(np.random.randn(100, state_dim), np.random.rand(100, action_dim) * 2 - 1)
+    if tmp_path is not None:
+        vla.save_checkpoint(tmp_path / "sft", policy, norm, meta={"obs_mode": "state", "control_mode": "pd_ee_delta_pose"})
+    return policy, norm
+
+
+@pytest.mark.parametrize("ratio_level", ["chunk", "token"])
+def test_ratio_one_and_gradients_reach_only_trainable(ratio_level):
+    policy, norm = make_policy()
+    policy.freeze_vlm()
+    args = replace(sde.Args(), ratio_level=ratio_level)
+    critic = sde.Critic(policy.spec["expert_hidden"])
+    N = 12
+    state = torch.randn(N, 42)
+    prompts = ["pick up the cube"] * N
+    with torch.no_grad():
+        prefix = policy.encode_prefix(norm.normalize("state", state), prompts)
+        value = critic(sde.critic_features(policy, prefix, args))
+        chunk, xb, xa, k_star, logp = sde.sample_chunk(policy, prefix, args, 7)
+    assert set(k_star.tolist()) <= {0, 1, 2, 3} and len(set(k_star.tolist())) > 1
+    # Recomputed on a shuffled minibatch of different size: still the rollout's numbers.
+    idx = torch.randperm(N)[:8]
+    with torch.no_grad():
+        pre2 = policy.encode_prefix(norm.normalize("state", state[idx]), prompts[:8])
+        new = sde.step_logp(policy, pre2, xb[idx], xa[idx], k_star[idx], args, 7)
+    ratio = (new - logp[idx]).sum((1, 2)).exp()
+    assert (ratio - 1).abs().max() < 1e-5
+    # The PPO loss: finite non-zero gradients on the expert, projections and critic; none on the VLM.
+    adv = torch.randn(N)
+    loss, stats = sde.ppo_loss(policy, critic, norm, args, 7, state, None, prompts, xb, xa, k_star, logp, adv,
+                               value + torch.randn(N), value)
+    assert abs(stats["ratio_mean"] - 1) < 1e-5 and stats["clipfrac"] == 0
+    loss.backward()
+    assert all(p.grad is None for p in policy.vlm.parameters())
+    for name, p in list(policy.named_parameters()) + list(critic.named_parameters()):
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert policy.pi0.action_out_proj.weight.grad.abs().sum() > 0
+    assert policy.pi0.model.dit.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert critic.net[0].weight.grad.abs().sum() > 0
+
+
+def test_gae_matches_reference_loop_with_truncation():
+    torch.manual_seed(0)
+    T, N, gamma, lam = 7, 3, 0.9, 0.8
+    rewards, values = torch.rand(T, N), torch.rand(T, N)
+    dones = torch.zeros(T, N)
+    final_values = torch.zeros(T, N)
+    dones[2, 0] = 1  # env 0: terminated in chunk 2
+    dones[4, 1], final_values[4, 1] = 1, 0.37  # env 1: cut by the time limit in chunk 4, V(last obs) = 0.37
+    dones[1, 2] = dones[5, 2] = 1  # env 2: terminated twice
+    next_value = torch.rand(N)
+    adv, ret = sde.compute_gae(rewards, values, dones, final_values, next_value, gamma, lam)
+
+    # Reference: per env, per episode, A_t = sum_l (gamma lam)^l delta_{t+l}, with the bootstrap value at the end of
+    # each episode segment: V(next obs) inside, V(final obs) on truncation, 0 on termination.
+    ref = torch.zeros(T, N)
+    for n in range(N):
+        for t in range(T):
+            total, discount = 0.0, 1.0
+            for u in range(t, T):
+                if dones[u, n]:
+                    bootstrap = final_values[u, n]
+                else:
+                    bootstrap = next_value[n] if u == T - 1 else values[u + 1, n]
+                total += discount * (rewards[u, n] + gamma * bootstrap - values[u, n])
+                if dones[u, n]:
+                    break
+                discount *= gamma * lam
+            ref[t, n] = total
+    torch.testing.assert_close(adv, ref)
+    torch.testing.assert_close(ret, ref + values)
+
+
+def small_args(tmp_path, **kw):
+    return replace(sde.Args(), checkpoint=str(tmp_path / "sft"), output_dir=str(tmp_path / "run"), num_envs=2,
+                   num_steps=2, num_minibatches=2, update_epochs=2, total_iterations=2, eval_every=0,
+                   eval_episodes=2, num_eval_envs=2, max_episode_steps=10, save_every=1, **kw)
+
+
+def test_smoke_two_iterations_and_resume(tmp_path):
+    make_policy(tmp_path)
+    args = small_args(tmp_path)
+    sde.main(args)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "pg_loss" in r]
+    assert [r["iteration"] for r in train] == [1, 2] and train[-1]["global_step"] == 2 * 2 * 2 * 5
+    assert all(math.isfinite(r["pg_loss"]) and math.isfinite(r["v_loss"]) for r in train)
+    assert sum("eval/success_once" in r for r in rows) == 2  # before RL and after the last iteration
+    policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert meta["iteration"] == 2 and any(k.startswith("critic.") for k in extra)
+    sde.main(replace(args, total_iterations=3, resume=True))
+    meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]
+    assert meta["iteration"] == 3 and meta["global_step"] == 3 * 2 * 2 * 5
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no SFT checkpoint at .*nope.*sft_baseline.py"):
+        sde.main(replace(small_args(tmp_path), checkpoint=str(tmp_path / "nope")))
+    make_policy(tmp_path, action_dim=8)
+    with pytest.raises(ValueError, match="outputs 8-D actions but PickCube-v1 with pd_ee_delta_pose takes 7-D"):
+        sde.main(small_args(tmp_path))
+    make_policy(tmp_path)
+    with pytest.raises(ValueError, match="batch of 4 decisions .* does not split into 8"):
+        sde.main(replace(small_args(tmp_path), num_minibatches=8))
+    with pytest.raises(ValueError, match="unknown --env-id"):
+        sde.main(replace(small_args(tmp_path), env_id="PickSphere"))
