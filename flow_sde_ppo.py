@@ -46,16 +46,18 @@ class Args:
     """ManiSkill controller (default: the SFT checkpoint's)"""
     reward_mode: str = "normalized_dense"
     """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success)"""
-    max_episode_steps: int = 100
-    """ManiSkill episode length in env steps (LIBERO uses its suite's)"""
+    max_episode_steps: int = 80
+    """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
     num_envs: int = 16
     """parallel training environments (the paper uses 320 on a GPU)"""
-    num_steps: int = 20
-    """decision points (action chunks) per environment per iteration"""
+    num_steps: int = 10
+    """decision points (action chunks) per environment per iteration (10 x 8 actions = one 80-step episode)"""
     total_iterations: int = 200
-    """PPO iterations (rollout + update)"""
-    action_chunk: int = 5
-    """C: actions executed per decision point (the first C of the predicted chunk)"""
+    """iterations (rollout + update)"""
+    time_budget_min: float | None = None
+    """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
+    action_chunk: int | None = None
+    """C: actions executed per decision point, the first C of the predicted chunk (default: the SFT checkpoint's)"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
     noise_level: float = 0.5
@@ -183,8 +185,8 @@ class ManiSkillEnvs:
         self.action_dim = self.env.single_action_space.shape[0]
         self.prompt = MANISKILL_TASKS[env_id.removesuffix("-v1")]
 
-    def reset(self, seed: int):
-        obs, _ = self.env.reset(seed=seed)  # env i gets seed + i
+    def reset(self, seed: int | list[int]):
+        obs, _ = self.env.reset(seed=seed)  # an int seeds env i with seed + i; a list gives each env its own
         return to_torch_obs(obs, self.device)
 
     def step(self, action: torch.Tensor):
@@ -246,8 +248,9 @@ class LiberoEnvs:
         if bad:
             raise ValueError(f"--task-ids {bad} out of range: {suite} has tasks 0..{bench.n_tasks - 1}")
         self.device, self.num_envs, self.max_steps, self.ignore_terminations = device, num_envs, max_steps, ignore_terminations
-        self.tasks = [bench.get_task(task_ids[i % len(task_ids)]) for i in range(num_envs)]
-        self.init_states = [bench.get_task_init_states(task_ids[i % len(task_ids)]) for i in range(num_envs)]
+        ids = [task_ids[i * len(task_ids) // num_envs] for i in range(num_envs)]  # contiguous blocks per task
+        self.tasks = [bench.get_task(i) for i in ids]
+        self.init_states = [bench.get_task_init_states(i) for i in ids]
         self.envs = []
         for task in self.tasks:
             # hard_reset=False: set_init_state overwrites the whole simulator state anyway, and a soft reset
@@ -290,8 +293,9 @@ class LiberoEnvs:
         return {"state": torch.as_tensor(np.stack(state), device=self.device),
                 "images": torch.as_tensor(np.stack(images), device=self.device)}
 
-    def reset(self, seed: int):
-        return self._batch([self._reset_one(i, seed + i) for i in range(self.num_envs)])
+    def reset(self, seed: int | list[int]):
+        seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
+        return self._batch([self._reset_one(i, s) for i, s in enumerate(seeds)])  # seed = init-state index
 
     def step(self, action: torch.Tensor):
         items, final, rew, term, trunc, succ = [], [], [], [], [], []
@@ -508,17 +512,21 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
 
 
 # ================================================================================================ main
-def load_sft(args, env_id):
-    path = Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
+def load_policy(args, env_id, resume_dir: Path):
+    """The SFT checkpoint (or this run's own, to resume) -> policy, normaliser, extra tensors, meta, path."""
+    path = resume_dir if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
     if not path.is_dir() and not Path(f"{path}.old").is_dir():
+        if args.resume:
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (is --output-dir the run's directory?)")
         raise FileNotFoundError(f"no SFT checkpoint at {path}: run `python sft_baseline.py --env-id {args.env_id}` "
                                 "first, or pass --checkpoint")
-    policy, normalizer, _, meta = vla.load_checkpoint(path)
+    policy, normalizer, extra, meta = vla.load_checkpoint(path)
     if normalizer is None:
         raise ValueError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
     args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
     args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
-    return policy, normalizer, path
+    args.action_chunk = args.action_chunk or meta.get("action_chunk", 5)
+    return policy, normalizer, extra, meta, path
 
 
 def main(args: Args):
@@ -536,7 +544,7 @@ def main(args: Args):
     ckpt_dir = run_dir / "checkpoint"
 
     # ---- policy (frozen VLM), critic, optimiser: from the SFT checkpoint or resumed from this run's
-    policy, normalizer, source = load_sft(args, env_id)
+    policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir)
     if args.action_chunk > policy.spec["chunk_size"]:
         raise ValueError(f"--action-chunk {args.action_chunk} exceeds the policy's chunk size {policy.spec['chunk_size']}")
     envs = make_envs(args, args.num_envs, ignore_terminations=False, device=device)
@@ -553,11 +561,7 @@ def main(args: Args):
                             weight_decay=0.0)
     start_iter, global_step, train_time = 0, 0, 0.0
     if args.resume:
-        policy, normalizer, extra, meta = vla.load_checkpoint(ckpt_dir)
-        policy.to(device).freeze_vlm()
         critic.load_state_dict({k[len("critic."):]: v for k, v in extra.items() if k.startswith("critic.")})
-        opt = torch.optim.AdamW([{"params": policy.trainable_parameters(), "lr": args.lr},
-                                 {"params": critic.parameters(), "lr": args.value_lr}], betas=(0.9, 0.95))
         load_optimizer(opt, extra, meta["optimizer"])
         start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
 
@@ -579,7 +583,8 @@ def main(args: Args):
         vla.save_checkpoint(ckpt_dir, policy, normalizer, extra, {
             "iteration": iteration, "global_step": global_step, "train_time": train_time, "optimizer": groups,
             "args": asdict(args), "env_id": env_id, "obs_mode": args.obs_mode, "control_mode": args.control_mode,
-            "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps, "sft_checkpoint": str(source)})
+            "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
+            "sft_checkpoint": meta.get("sft_checkpoint", str(source))})
 
     def run_eval(iteration):
         video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video else None
@@ -698,11 +703,14 @@ def main(args: Args):
                **{f"train/{k}": torch.cat(v).mean().item() for k, v in episodes.items() if torch.cat(v).numel()}}
         log(row)
         bar.set_postfix(success=f"{row.get('train/success_once', float('nan')):.2f}", kl=f"{row['approx_kl']:.4f}")
-        done = iteration + 1 == args.total_iterations
+        done = iteration + 1 == args.total_iterations or (args.time_budget_min is not None
+                                                           and train_time >= 60 * args.time_budget_min)
         if args.eval_episodes > 0 and (done or (args.eval_every and (iteration + 1) % args.eval_every == 0)):
             eval_metrics = run_eval(iteration + 1)
         if done or (iteration + 1) % args.save_every == 0:
             save(iteration + 1)
+        if done:
+            break
     envs.close(), eval_envs.close()
     return eval_metrics
 

@@ -83,7 +83,7 @@ def make_policy(tmp_path=None, action_dim=7, state_dim=42, seed=0):
 def test_ratio_one_and_gradients_reach_only_trainable(ratio_level):
     policy, norm = make_policy()
     policy.freeze_vlm()
-    args = replace(sde.Args(), ratio_level=ratio_level)
+    args = replace(sde.Args(), ratio_level=ratio_level, action_chunk=5)
     critic = sde.Critic(policy.spec["expert_hidden"])
     N = 12
     state = torch.randn(N, 42)

@@ -1,0 +1,102 @@
+"""RL benchmark on CPU: learning curves of the RL scripts from one SFT checkpoint (plotted on shared axes),
+rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE update-cost ratio.
+
+Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--plot-only]
+Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
+"""
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import flow_grpo
+import flow_noise_ppo
+import flow_sde_ppo
+
+SCRIPTS = {"sde": flow_sde_ppo, "noise": flow_noise_ppo, "grpo": flow_grpo}
+LABELS = {"sde": "Flow-SDE PPO", "noise": "Flow-Noise PPO", "grpo": "GRPO (Flow-SDE)"}
+OUT = Path("runs/bench_rl")
+
+
+def raw_env_sps(num_envs: int, steps: int = 100) -> float:
+    """Env steps/s of the same training envs driven by a zero-cost policy (zero actions)."""
+    args = replace(flow_sde_ppo.Args(), obs_mode="state", control_mode="pd_ee_delta_pose")
+    envs = flow_sde_ppo.make_envs(args, num_envs, ignore_terminations=False, device=torch.device("cpu"))
+    envs.reset(seed=0)
+    zero = torch.zeros(num_envs, envs.action_dim)
+    t0 = time.time()
+    for _ in range(steps):
+        envs.step(zero)
+    envs.close()
+    return num_envs * steps / (time.time() - t0)
+
+
+def read(algo):
+    rows = [json.loads(line) for line in (OUT / algo / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "rollout_time" in r], [r for r in rows if "eval/success_once" in r]
+
+
+def plot(algos):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for algo in algos:
+        _, ev = read(algo)
+        x_steps = [r["global_step"] / 1e3 for r in ev]
+        x_min = [r["train_time"] / 60 for r in ev]
+        y = [100 * r["eval/success_once"] for r in ev]
+        axes[0].plot(x_steps, y, marker="o", label=LABELS[algo])
+        axes[1].plot(x_min, y, marker="o", label=LABELS[algo])
+    axes[0].set_xlabel("env steps (thousands)")
+    axes[1].set_xlabel("training wall time, minutes (2-core CPU, evaluation excluded)")
+    for ax in axes:
+        ax.set_ylabel("eval success_once, % (100 fixed-seed episodes)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("PickCube-v1 (state obs, tiny preset) from one few-shot SFT checkpoint")
+    fig.tight_layout()
+    Path("docs").mkdir(exist_ok=True)
+    fig.savefig("docs/learning_curves.png", dpi=110)
+    print("wrote docs/learning_curves.png")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--algos", nargs="+", default=["sde", "noise", "grpo"], choices=list(SCRIPTS))
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--plot-only", action="store_true")
+    cli = p.parse_args()
+    if not cli.plot_only:
+        for algo in cli.algos:
+            mod = SCRIPTS[algo]
+            args = replace(mod.Args(), time_budget_min=cli.minutes, total_iterations=10_000,
+                           output_dir=str(OUT / algo))
+            t0 = time.time()
+            mod.main(args)
+            print(f"{algo}: {time.time() - t0:.0f} s wall in all")
+    raw = raw_env_sps(flow_sde_ppo.Args().num_envs)
+    print(f"\nraw env steps/s, {flow_sde_ppo.Args().num_envs} CPU envs, zero-cost policy: {raw:.0f}")
+    print(f"{'algo':>6} {'eval before':>12} {'eval after':>11} {'best':>6} {'env steps':>10} {'train min':>10} "
+          f"{'rollout sps':>12} {'ratio':>6} {'update s':>9}")
+    upd = {}
+    for algo in cli.algos:
+        tr, ev = read(algo)
+        sps = float(np.mean([r["rollout_sps"] for r in tr]))
+        upd[algo] = float(np.median([r["update_time"] for r in tr]))
+        print(f"{algo:>6} {ev[0]['eval/success_once']:>12.2f} {ev[-1]['eval/success_once']:>11.2f} "
+              f"{max(r['eval/success_once'] for r in ev):>6.2f} {tr[-1]['global_step']:>10} "
+              f"{tr[-1]['train_time'] / 60:>10.1f} {sps:>12.0f} {sps / raw:>6.2f} {upd[algo]:>9.2f}")
+    if "sde" in upd and "noise" in upd:
+        print(f"update cost, Flow-Noise / Flow-SDE at equal batch: {upd['noise'] / upd['sde']:.2f}x")
+    plot(cli.algos)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,655 @@
+"""GRPO with Flow-SDE sampling: critic-free online RL fine-tuning of a flow-matching VLA policy (pi_RL).
+
+Groups of G environments start from the same initial state; each member's episode runs to termination or the
+time limit, and its undiscounted return R is compared within the group: A = (R - mean_group) / (std_group + 1e-6),
+broadcast to every decision of the episode. The policy step is PPO's clipped surrogate on the Flow-SDE log-prob:
+one random denoising step k* per sample is the SDE step with the ODE's marginals,
+    mean = x - D [v + s_t^2 / (2t) (x + (1 - t) v)],  std = s_t sqrt(D),  s_t = a sqrt(t / (1 - t)),  D = 1/K,
+and only that step is recomputed in the update. No value function.
+
+    python flow_grpo.py                                        # PickCube, state obs, tiny policy, CPU
+    python flow_grpo.py --env-id PickCube --num-envs 320       # on a GPU (physx_cuda)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import vla
+
+
+@dataclass
+class Args:
+    env_id: str = "PickCube"
+    """ManiSkill task (short alias or full id) or a LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10)"""
+    task_ids: tuple[int, ...] = (0,)
+    """LIBERO: the suite's task indices"""
+    checkpoint: str | None = None
+    """SFT checkpoint to start from (default: runs/sft/<env id>/checkpoint, written by sft_baseline.py)"""
+    obs_mode: str | None = None
+    """"state" or "rgb" (default: the SFT checkpoint's)"""
+    control_mode: str | None = None
+    """ManiSkill controller (default: the SFT checkpoint's)"""
+    reward_mode: str = "normalized_dense"
+    """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success)"""
+    max_episode_steps: int = 80
+    """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
+    num_envs: int = 16
+    """parallel training environments: num_envs / group_size groups per iteration"""
+    group_size: int = 8
+    """G: environments per group, all starting from the same initial state"""
+    filter_groups: bool = False
+    """drop groups whose mean success lies outside [0.1, 0.9] (nothing to compare)"""
+    total_iterations: int = 200
+    """iterations (rollout + update)"""
+    time_budget_min: float | None = None
+    """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
+    action_chunk: int | None = None
+    """C: actions executed per decision point, the first C of the predicted chunk (default: the SFT checkpoint's)"""
+    denoise_steps: int = 4
+    """K: denoising steps, in rollouts and evaluation"""
+    noise_level: float = 0.5
+    """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise"""
+    ratio_level: str = "chunk"
+    """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim)"""
+    update_epochs: int = 2
+    """policy epochs per iteration (2-4)"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    clip_coef: float = 0.2
+    """PPO ratio clip"""
+    kl_coef: float = 0.0
+    """weight of a KL penalty to the starting (SFT) policy on the SDE step; 0 disables it and keeps no copy"""
+    lr: float = 1e-4
+    """actor learning rate (the expert, projections); the VLM is frozen"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    target_kl: float | None = None
+    """stop an iteration's epochs early when the approximate KL exceeds this"""
+    eval_every: int = 10
+    """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
+    eval_episodes: int = 100
+    """evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation"""
+    num_eval_envs: int = 10
+    """parallel evaluation environments"""
+    eval_seed: int = 10_000
+    """first seed of the evaluation episodes"""
+    save_every: int = 10
+    """write the checkpoint every N iterations"""
+    capture_video: bool = False
+    """save a video of the first evaluation environment at each evaluation"""
+    seed: int = 1
+    """random seed"""
+    output_dir: str | None = None
+    """run directory (default runs/flow_grpo/<env id>_<seed>)"""
+    resume: bool = False
+    """continue from <output_dir>/checkpoint"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "pi_rl"
+    """W&B project"""
+
+
+# ================================================================================================ environments
+# ManiSkill tasks whose assets ship with ManiSkill (they run offline) and their instructions for the prompt.
+MANISKILL_TASKS = {
+    "PickCube": "pick up the cube and move it to the goal position",
+    "PushCube": "push the cube to the goal region",
+    "PullCube": "pull the cube to the goal region",
+    "StackCube": "stack the red cube on the green cube",
+    "PlaceSphere": "place the sphere into the bin",
+    "LiftPegUpright": "lift the peg upright",
+    "PegInsertionSide": "insert the peg into the hole",
+    "PokeCube": "use the peg to push the cube to the goal",
+    "RollBall": "roll the ball to the goal region",
+    "PlugCharger": "plug the charger into the receptacle",
+    "StackPyramid": "stack the cubes into a pyramid",
+}
+LIBERO_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
+
+
+def resolve_env_id(env_id: str) -> tuple[str, str]:
+    """-> ("maniskill" | "libero", full id). Unknown ids fail at once, listing the valid ones."""
+    if env_id in LIBERO_MAX_STEPS:
+        return "libero", env_id
+    short = env_id.removesuffix("-v1")
+    if short in MANISKILL_TASKS:
+        return "maniskill", f"{short}-v1"
+    raise ValueError(f"unknown --env-id {env_id!r}; valid: ManiSkill {sorted(MANISKILL_TASKS)} "
+                     f"(or with -v1) and LIBERO {sorted(LIBERO_MAX_STEPS)}")
+
+
+def to_torch_obs(obs, device) -> dict:
+    """ManiSkill observation (state vector, or rgb dict) -> {"state": [N, D] float, "images": [N, cams, H, W, 3] uint8}."""
+    if not isinstance(obs, dict):
+        return {"state": torch.as_tensor(obs, dtype=torch.float32, device=device), "images": None}
+    cams = [torch.as_tensor(c["rgb"], device=device) for c in obs["sensor_data"].values()]
+    state = torch.as_tensor(obs["agent"]["qpos"], dtype=torch.float32, device=device)
+    return {"state": state, "images": torch.stack(cams, 1)}
+
+
+def add_batch_dim(x):
+    return {k: add_batch_dim(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[None]
+
+
+class ManiSkillEnvs:
+    """N ManiSkill envs as one batch of torch tensors: the GPU simulator (physx_cuda) when CUDA is available,
+    otherwise a SyncVectorEnv of CPU envs. Both auto-reset in the same step and return the finished episode's
+    last observation and metrics in `info`, so the rest of the script sees one interface."""
+
+    def __init__(self, env_id, num_envs, obs_mode, control_mode, max_steps, ignore_terminations, device,
+                 reward_mode="normalized_dense"):
+        import mani_skill.envs  # noqa: F401  (registers the tasks)
+        kw = dict(obs_mode=obs_mode, control_mode=control_mode, max_episode_steps=max_steps,
+                  reward_mode=reward_mode, render_mode="rgb_array")
+        self.device, self.num_envs, self.gpu = device, num_envs, device.type == "cuda"
+        if self.gpu:
+            from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+            env = gym.make(env_id, num_envs=num_envs, sim_backend="physx_cuda", **kw)
+            self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=True, ignore_terminations=ignore_terminations,
+                                          record_metrics=True)
+        else:
+            from gymnasium.vector import AutoresetMode, SyncVectorEnv
+            from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+            def thunk():
+                env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **kw)
+                return CPUGymWrapper(env, ignore_terminations=ignore_terminations, record_metrics=True)
+            self.env = SyncVectorEnv([thunk] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+        self.action_dim = self.env.single_action_space.shape[0]
+        self.prompt = MANISKILL_TASKS[env_id.removesuffix("-v1")]
+
+    def reset(self, seed: int | list[int]):
+        obs, _ = self.env.reset(seed=seed)  # an int seeds env i with seed + i; a list gives each env its own
+        return to_torch_obs(obs, self.device)
+
+    def step(self, action: torch.Tensor):
+        """action [N, A] -> obs, reward [N], terminated [N], truncated [N], info with "success" [N],
+        "final_obs" (obs, with finished envs' rows replaced by their last observation) and "episode"
+        (metrics [N] of the episodes that just finished: success_once, success_at_end, return, episode_len)."""
+        obs, rew, term, trunc, info = self.env.step(action if self.gpu else action.cpu().numpy())
+        t = lambda x, dt=torch.float32: torch.as_tensor(x, dtype=dt, device=self.device)
+        obs, rew, term, trunc = to_torch_obs(obs, self.device), t(rew), t(term, torch.bool), t(trunc, torch.bool)
+        done = term | trunc
+        out = {"success": t(info["success"], torch.bool), "final_obs": obs, "episode": {}}
+        if done.any():
+            fin = {k: None if v is None else v.clone() for k, v in obs.items()}
+            if self.gpu:
+                last = to_torch_obs(info["final_observation"], self.device)
+                for k, v in fin.items():
+                    if v is not None:
+                        v[done] = last[k][done]
+            else:  # the CPU vector env keeps each finished episode's last observation unbatched
+                for i in done.nonzero()[:, 0].tolist():
+                    last = to_torch_obs(add_batch_dim(info["final_obs"][i]), self.device)
+                    for k, v in fin.items():
+                        if v is not None:
+                            v[i] = last[k][0]
+            out["final_obs"] = fin
+            ep = info["final_info"]["episode"]
+            out["episode"] = {k: t(v) for k, v in ep.items() if not k.startswith("_")}
+        return obs, rew, term, trunc, out
+
+    def render(self):
+        """First env's frame [H, W, 3] uint8 (for videos)."""
+        frame = self.env.render()[0] if self.gpu else self.env.call("render")[0]
+        return np.asarray(frame.cpu() if torch.is_tensor(frame) else frame)
+
+    def close(self):
+        self.env.close()
+
+
+def quat_xyzw_to_axis_angle(q: np.ndarray) -> np.ndarray:
+    """Unit quaternion (x, y, z, w) -> axis * angle, robosuite's convention (no sign flip of w), which the
+    LIBERO datasets' ee_states use. atan2 stays accurate near zero rotation, where angle/|v| -> 2/w."""
+    v, w = q[:3], float(np.clip(q[3], -1.0, 1.0))
+    n = float(np.linalg.norm(v))
+    if n < 1e-8:
+        return v * (2.0 / w) if abs(w) > 1e-8 else np.zeros(3)
+    return v * (2.0 * np.arctan2(n, w) / n)
+
+
+class LiberoEnvs:
+    """N LIBERO envs of one suite, stepped in this process, with the ManiSkillEnvs interface. Each env cycles
+    through its tasks' fixed init states; after reset it settles for 10 no-op steps (openpi's protocol).
+    Reward 1 on success; with ignore_terminations an episode runs to the suite's step limit (as ManiSkill eval)."""
+
+    def __init__(self, suite, task_ids, num_envs, max_steps, ignore_terminations, device, image_size=128):
+        from libero.libero import benchmark, get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+        bench = benchmark.get_benchmark_dict()[suite]()
+        bad = [i for i in task_ids if not 0 <= i < bench.n_tasks]
+        if bad:
+            raise ValueError(f"--task-ids {bad} out of range: {suite} has tasks 0..{bench.n_tasks - 1}")
+        self.device, self.num_envs, self.max_steps, self.ignore_terminations = device, num_envs, max_steps, ignore_terminations
+        ids = [task_ids[i * len(task_ids) // num_envs] for i in range(num_envs)]  # contiguous blocks per task
+        self.tasks = [bench.get_task(i) for i in ids]
+        self.init_states = [bench.get_task_init_states(i) for i in ids]
+        self.envs = []
+        for task in self.tasks:
+            # hard_reset=False: set_init_state overwrites the whole simulator state anyway, and a soft reset
+            # takes 0.3 s instead of 6 s here.
+            env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
+                                                                 task.bddl_file),
+                                     camera_heights=image_size, camera_widths=image_size, hard_reset=False)
+            env.seed(7)
+            self.envs.append(env)
+        self.prompts = [t.language for t in self.tasks]
+        self.prompt = self.prompts[0]
+        self.action_dim = 7
+        self.episode_idx = np.zeros(num_envs, dtype=int)
+        self.steps = np.zeros(num_envs, dtype=int)
+        self.ret = np.zeros(num_envs)
+        self.succ_once = np.zeros(num_envs, dtype=bool)
+
+    @staticmethod
+    def obs_of(raw: dict) -> tuple[np.ndarray, np.ndarray]:
+        """-> images [2, H, W, 3] uint8 (agentview, wrist; rotated upright) and state [8] (eef pos, axis-angle, gripper)."""
+        images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
+        state = np.concatenate([raw["robot0_eef_pos"], quat_xyzw_to_axis_angle(raw["robot0_eef_quat"]),
+                                raw["robot0_gripper_qpos"]])
+        return images, state.astype(np.float32)
+
+    def _reset_one(self, i: int, seed: int | None):
+        if seed is not None:
+            self.episode_idx[i] = seed
+        env, states = self.envs[i], self.init_states[i]
+        env.reset()
+        raw = env.set_init_state(states[self.episode_idx[i] % len(states)])
+        for _ in range(10):  # let objects settle
+            raw, *_ = env.step([0.0] * 6 + [-1.0])
+        self.episode_idx[i] += self.num_envs
+        self.steps[i], self.ret[i], self.succ_once[i] = 0, 0.0, False
+        return self.obs_of(raw)
+
+    def _batch(self, items):
+        images, state = zip(*items)
+        return {"state": torch.as_tensor(np.stack(state), device=self.device),
+                "images": torch.as_tensor(np.stack(images), device=self.device)}
+
+    def reset(self, seed: int | list[int]):
+        seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
+        return self._batch([self._reset_one(i, s) for i, s in enumerate(seeds)])  # seed = init-state index
+
+    def step(self, action: torch.Tensor):
+        items, final, rew, term, trunc, succ = [], [], [], [], [], []
+        episode = {k: np.zeros(self.num_envs) for k in ("success_once", "success_at_end", "return", "episode_len")}
+        for i, (env, a) in enumerate(zip(self.envs, action.cpu().numpy())):
+            raw, r, done, _ = env.step(a.tolist())
+            success = bool(done)  # LIBERO's done is check_success()
+            self.steps[i] += 1
+            self.ret[i] += r
+            self.succ_once[i] |= success
+            te = success and not self.ignore_terminations
+            tr = self.steps[i] >= self.max_steps and not te
+            items.append(self.obs_of(raw))
+            final.append(items[-1])
+            if te or tr:
+                episode["success_once"][i], episode["success_at_end"][i] = self.succ_once[i], success
+                episode["return"][i], episode["episode_len"][i] = self.ret[i], self.steps[i]
+                items[-1] = self._reset_one(i, None)
+            rew.append(r), term.append(te), trunc.append(tr), succ.append(success)
+        t = lambda x, dt=torch.float32: torch.as_tensor(np.asarray(x), dtype=dt, device=self.device)
+        term, trunc = t(term, torch.bool), t(trunc, torch.bool)
+        self.last_frame = final[0][0][0]  # env 0's agentview before any reset, for videos
+        info = {"success": t(succ, torch.bool), "final_obs": self._batch(final),
+                "episode": {k: t(v) for k, v in episode.items()} if (term | trunc).any() else {}}
+        return self._batch(items), t(rew), term, trunc, info
+
+    def render(self):
+        return self.last_frame
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+def make_envs(args, num_envs: int, ignore_terminations: bool, device):
+    kind, env_id = resolve_env_id(args.env_id)
+    if kind == "libero":
+        return LiberoEnvs(env_id, args.task_ids, num_envs, LIBERO_MAX_STEPS[env_id], ignore_terminations, device)
+    return ManiSkillEnvs(env_id, num_envs, args.obs_mode, args.control_mode, args.max_episode_steps,
+                         ignore_terminations, device, args.reward_mode)
+
+
+# ================================================================================================ Flow-SDE
+def sde_mean_std(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, K: int, a: float):
+    """The SDE transition t -> t - 1/K with the ODE's marginals. x, v [N, H, D], t [N] -> mean [N, H, D], std [N, 1, 1].
+    s_t = a sqrt(t / (1 - t)); at t = 1 the next grid point's 1 - t (= 1/K) keeps it finite: s_1 = a sqrt(K)."""
+    t = t[:, None, None]
+    s = a * torch.sqrt(t / torch.where(t < 1, 1 - t, torch.full_like(t, 1.0 / K)))
+    mean = x - (v + s**2 / (2 * t) * (x + (1 - t) * v)) / K  # x + (1 - t) v is the predicted noise
+    return mean, s * math.sqrt(1.0 / K)
+
+
+def gaussian_logp(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, C: int, A: int) -> torch.Tensor:
+    """log N(x; mean, std^2) of every executed entry: the first C actions, the env's A real dims -> [N, C, A]."""
+    z = (x - mean)[:, :C, :A] / std
+    return -0.5 * z**2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+
+
+@torch.no_grad()
+def sample_chunk(policy, prefix, args, action_dim: int, generator=None):
+    """Hybrid ODE/SDE sampling from noise (t=1) to action (t=0) in K steps: step k* (uniform per sample) is the
+    SDE step, all others the ODE step x - v/K. -> chunk x_0 [N, H, D] (normalised), x_k* and x_k*+1 [N, H, D],
+    k* [N], log-prob of that transition [N, C, A]."""
+    K, N = args.denoise_steps, prefix.mask.shape[0]
+    H, D, dev = policy.spec["chunk_size"], policy.spec["max_action_dim"], prefix.mask.device
+    x = torch.randn(N, H, D, device=dev, generator=generator)  # [N, H, D] at t=1
+    k_star = torch.randint(0, K, (N,), device=dev, generator=generator)  # [N]
+    x_before, x_after = torch.empty_like(x), torch.empty_like(x)  # [N, H, D]
+    logp = torch.empty(N, args.action_chunk, action_dim, device=dev)  # [N, C, A]
+    for k in range(K):
+        t = torch.full((N,), 1.0 - k / K, device=dev)
+        v, _ = policy.velocity(prefix, x, t)
+        sde = k_star == k
+        mean, std = sde_mean_std(x, v, t, K, args.noise_level)
+        noisy = mean + std * torch.randn(x.shape, device=dev, generator=generator)
+        x_next = torch.where(sde[:, None, None], noisy, x - v / K)
+        x_before[sde], x_after[sde] = x[sde], x_next[sde]
+        logp[sde] = gaussian_logp(x_next, mean, std, args.action_chunk, action_dim)[sde]
+        x = x_next
+    return x, x_before, x_after, k_star, logp
+
+
+def group_advantages(returns: torch.Tensor, success: torch.Tensor, group_size: int, filter_groups: bool):
+    """returns, success [N] of N = groups x G episodes, members of a group adjacent -> advantage [N] and keep [N]:
+    A = (R - mean_group) / (std_group + 1e-6) (population std; a group of equal returns gets 0); with filtering,
+    groups whose mean success lies outside [0.1, 0.9] are dropped."""
+    R = returns.view(-1, group_size)  # [groups, G]
+    adv = (R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + 1e-6)
+    keep = torch.ones_like(R, dtype=torch.bool)
+    if filter_groups:
+        rate = success.float().view(-1, group_size).mean(1, keepdim=True)
+        keep = keep & (rate >= 0.1) & (rate <= 0.9)
+    return adv.flatten(), keep.flatten()
+
+
+def grpo_loss(policy, ref_policy, normalizer, args, action_dim, state, images, prompts, x_before, x_after, k_star,
+              old_logp, adv):
+    """Clipped surrogate on the recomputed SDE step for one minibatch of M decisions, plus the optional KL to the
+    reference policy's step (same std, so KL = |mean - mean_ref|^2 / (2 std^2)). -> loss, stats."""
+    prefix = policy.encode_prefix(normalizer.normalize("state", state), prompts, images)  # VLM frozen: no grad
+    t = 1.0 - k_star.float() / args.denoise_steps
+    v, _ = policy.velocity(prefix, x_before, t)
+    mean, std = sde_mean_std(x_before, v, t, args.denoise_steps, args.noise_level)
+    log_ratio = gaussian_logp(x_after, mean, std, args.action_chunk, action_dim) - old_logp  # [M, C, A]
+    if args.ratio_level == "chunk":
+        log_ratio = log_ratio.sum((1, 2))  # [M]
+    else:
+        adv = adv[:, None, None].expand_as(log_ratio)  # the episode's advantage on every (action, dim)
+    ratio = log_ratio.exp()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    kl = torch.zeros(())
+    if ref_policy is not None:
+        with torch.no_grad():
+            ref_prefix = ref_policy.encode_prefix(normalizer.normalize("state", state), prompts, images)
+            ref_mean, _ = sde_mean_std(x_before, ref_policy.velocity(ref_prefix, x_before, t)[0], t,
+                                       args.denoise_steps, args.noise_level)
+        kl = ((mean - ref_mean)[:, :args.action_chunk, :action_dim] ** 2 / (2 * std**2)).sum((1, 2)).mean()
+        loss = loss + args.kl_coef * kl
+    with torch.no_grad():
+        stats = {"pg_loss": loss.item(), "kl_ref": kl.item(), "ratio_mean": ratio.mean().item(),
+                 "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                 "clipfrac": ((ratio - 1).abs() > args.clip_coef).float().mean().item()}
+    return loss, stats
+
+
+@torch.no_grad()
+def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, generator=None):
+    """Deterministic ODE from noise (t=1) to action (t=0) in K Euler steps -> env actions [N, H, A]."""
+    state = normalizer.normalize("state", obs["state"])
+    prefix = policy.encode_prefix(state, prompts, obs["images"])
+    N, H, D = state.shape[0], policy.spec["chunk_size"], policy.spec["max_action_dim"]
+    x = torch.randn(N, H, D, device=state.device, generator=generator)  # [N, H, max_action_dim] at t=1
+    for k in range(denoise_steps):
+        v, _ = policy.velocity(prefix, x, 1.0 - k / denoise_steps)
+        x = x - v / denoise_steps  # dt = -1/K
+    return normalizer.unnormalize("actions", x[..., :action_dim])
+
+
+def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None) -> dict:
+    """Fixed-seed episodes run to the time limit (terminations ignored), executing the first C actions of each
+    chunk. -> mean success_once, success_at_end, return, episode_len."""
+    policy.eval()
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(args.eval_seed)
+    prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
+    results, frames = {}, []
+    for r in range(math.ceil(num_episodes / envs.num_envs)):
+        obs = envs.reset(seed=args.eval_seed + r * envs.num_envs)
+        finished = False
+        while not finished:
+            chunk = sample_actions(policy, normalizer, obs, prompts, args.denoise_steps, envs.action_dim, gen)
+            for c in range(args.action_chunk):
+                obs, _, _, _, info = envs.step(chunk[:, c])
+                if video_path is not None and r == 0:
+                    frames.append(envs.render())
+                if info["episode"]:  # all envs reach the time limit together
+                    for k, v in info["episode"].items():
+                        results.setdefault(k, []).append(v.float().cpu())
+                    finished = True
+                    break
+    if frames:
+        import imageio
+        Path(video_path).parent.mkdir(parents=True, exist_ok=True)
+        imageio.mimsave(video_path, frames, fps=20)
+    return {k: torch.cat(v)[:num_episodes].mean().item() for k, v in results.items()}
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
+    """AdamW state as flat tensors (for safetensors) + its param groups (for JSON)."""
+    sd = opt.state_dict()
+    return {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}, sd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ================================================================================================ main
+def load_policy(args, env_id, resume_dir: Path):
+    """The SFT checkpoint (or this run's own, to resume) -> policy, normaliser, extra tensors, meta, path."""
+    path = resume_dir if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
+    if not path.is_dir() and not Path(f"{path}.old").is_dir():
+        if args.resume:
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (is --output-dir the run's directory?)")
+        raise FileNotFoundError(f"no SFT checkpoint at {path}: run `python sft_baseline.py --env-id {args.env_id}` "
+                                "first, or pass --checkpoint")
+    policy, normalizer, extra, meta = vla.load_checkpoint(path)
+    if normalizer is None:
+        raise ValueError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
+    args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
+    args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
+    args.action_chunk = args.action_chunk or meta.get("action_chunk", 5)
+    return policy, normalizer, extra, meta, path
+
+
+def main(args: Args):
+    kind, env_id = resolve_env_id(args.env_id)
+    if args.ratio_level not in ("chunk", "token"):
+        raise ValueError("--ratio-level must be chunk or token")
+    if args.group_size < 2 or args.num_envs % args.group_size:
+        raise ValueError(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size} (>= 2): "
+                         "every group needs G members starting from the same state")
+    if kind == "libero" and args.num_envs % (args.group_size * len(args.task_ids)):
+        raise ValueError(f"--num-envs {args.num_envs} must be a multiple of group_size x number of task ids "
+                         f"({args.group_size} x {len(args.task_ids)}) so that every group shares one task")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    run_dir = Path(args.output_dir or f"runs/flow_grpo/{env_id}_{args.seed}")
+    ckpt_dir = run_dir / "checkpoint"
+
+    # ---- policy (frozen VLM), optional frozen reference copy, optimiser
+    policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir)
+    if args.action_chunk > policy.spec["chunk_size"]:
+        raise ValueError(f"--action-chunk {args.action_chunk} exceeds the policy's chunk size {policy.spec['chunk_size']}")
+    envs = make_envs(args, args.num_envs, ignore_terminations=False, device=device)
+    eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
+    A = envs.action_dim
+    if policy.config.action_dim != A:
+        raise ValueError(f"{source} outputs {policy.config.action_dim}-D actions but {env_id} with "
+                         f"{args.control_mode} takes {A}-D: use a checkpoint trained for this env and control mode")
+    policy.to(device).freeze_vlm()
+    ref_policy = None
+    if args.kl_coef > 0:  # the starting policy, frozen
+        ref_policy = vla.load_checkpoint(meta.get("sft_checkpoint", source) if args.resume else source)[0]
+        ref_policy.to(device).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start_iter, global_step, train_time = 0, 0, 0.0
+    if args.resume:
+        load_optimizer(opt, extra, meta["optimizer"])
+        start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
+
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+
+    def log(row: dict):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(row, step=row["global_step"])
+
+    def save(iteration):
+        opt_tensors, groups = optimizer_tensors(opt)
+        vla.save_checkpoint(ckpt_dir, policy, normalizer, opt_tensors, {
+            "iteration": iteration, "global_step": global_step, "train_time": train_time, "optimizer": groups,
+            "args": asdict(args), "env_id": env_id, "obs_mode": args.obs_mode, "control_mode": args.control_mode,
+            "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
+            "sft_checkpoint": meta.get("sft_checkpoint", str(source))})
+
+    def run_eval(iteration):
+        video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video else None
+        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video)
+        log({"iteration": iteration, "global_step": global_step, "train_time": train_time,
+             **{f"eval/{k}": v for k, v in m.items()}})
+        tqdm.write(f"iter {iteration} step {global_step}: eval success_once {m['success_once']:.3f} "
+                   f"success_at_end {m['success_at_end']:.3f}")
+        return m
+
+    # ---- rollout storage: one row per (decision point, env); an episode lasts at most T decisions
+    N, C, K, G = args.num_envs, args.action_chunk, args.denoise_steps, args.group_size
+    max_steps = LIBERO_MAX_STEPS[env_id] if kind == "libero" else args.max_episode_steps
+    T = math.ceil(max_steps / C)
+    H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
+    prompts = getattr(envs, "prompts", [envs.prompt] * N)
+    obs_state, obs_images = None, None
+    x_before = torch.zeros(T, N, H, D, device=device)  # x_k* of the SDE step
+    x_after = torch.zeros(T, N, H, D, device=device)  # x_k*+1
+    k_stars = torch.zeros(T, N, dtype=torch.long, device=device)
+    logprobs = torch.zeros(T, N, C, A, device=device)
+    valid = torch.zeros(T, N, dtype=torch.bool, device=device)  # the decision belongs to the group episode
+
+    eval_metrics = run_eval(0) if args.eval_episodes > 0 and start_iter == 0 else {}  # the SFT policy
+    bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations, desc="grpo")
+    for iteration in bar:
+        # ---- rollout: every group member from the same seed, each episode to its end, no auto-reset credit
+        policy.eval()
+        t0 = time.time()
+        base = args.seed * 1_000_003 + iteration * (N // G)  # training seeds never overlap eval seeds
+        obs = envs.reset(seed=[base + i // G for i in range(N)])
+        if obs_state is None:
+            obs_state = torch.zeros(T, N, obs["state"].shape[1], device=device)  # [T, N, state_dim]
+            if obs["images"] is not None:
+                obs_images = torch.zeros(T, N, *obs["images"].shape[1:], dtype=torch.uint8, device=device)
+        alive = torch.ones(N, dtype=torch.bool, device=device)
+        returns, success = torch.zeros(N, device=device), torch.zeros(N, dtype=torch.bool, device=device)
+        episode_len = torch.zeros(N, device=device)
+        valid.zero_()
+        for step in range(T):
+            if not alive.any():
+                break
+            valid[step] = alive
+            obs_state[step] = obs["state"]
+            if obs_images is not None:
+                obs_images[step] = obs["images"]
+            with torch.no_grad():
+                prefix = policy.encode_prefix(normalizer.normalize("state", obs["state"]), prompts, obs["images"])
+                chunk, x_before[step], x_after[step], k_stars[step], logprobs[step] = sample_chunk(
+                    policy, prefix, args, A)
+            actions = normalizer.unnormalize("actions", chunk[:, :C, :A])  # [N, C, A]
+            for c in range(C):
+                obs, r, term, trunc, info = envs.step(actions[:, c])
+                returns += r * alive
+                success |= info["success"] & alive
+                episode_len += alive.float()
+                alive &= ~(term | trunc)
+            global_step += N * C
+        rollout_time = time.time() - t0
+
+        # ---- group advantages, broadcast to every decision of the episode
+        adv, keep = group_advantages(returns, success, G, args.filter_groups)
+        rows = valid & keep[None, :]  # [T, N]
+        t1 = time.time()
+        stats = {}
+        if rows.sum() >= args.num_minibatches:
+            policy.train()
+            b_state, b_xb, b_xa, b_k, b_logp = (x[rows] for x in (obs_state, x_before, x_after, k_stars, logprobs))
+            b_images = obs_images[rows] if obs_images is not None else None
+            b_adv = adv[None, :].expand(T, N)[rows]
+            b_env = torch.arange(N, device=device)[None, :].expand(T, N)[rows]
+            M = len(b_adv)
+            for epoch in range(args.update_epochs):
+                perm = torch.randperm(M, device=device)
+                for mb in perm.chunk(args.num_minibatches):
+                    loss, mb_stats = grpo_loss(policy, ref_policy, normalizer, args, A, state=b_state[mb],
+                                               images=b_images[mb] if b_images is not None else None,
+                                               prompts=[prompts[i] for i in b_env[mb].tolist()],
+                                               x_before=b_xb[mb], x_after=b_xa[mb], k_star=b_k[mb],
+                                               old_logp=b_logp[mb], adv=b_adv[mb])
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}; the last good "
+                                                 f"checkpoint is in {ckpt_dir}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
+                    opt.step()
+                    for k, v in {**mb_stats, "grad_norm": grad_norm.item()}.items():
+                        stats.setdefault(k, []).append(v)
+                if args.target_kl is not None and np.mean(stats["approx_kl"][-args.num_minibatches:]) > args.target_kl:
+                    break
+        update_time = time.time() - t1
+        train_time += rollout_time + update_time
+
+        row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time,
+               "rollout_sps": N * C * int(valid.any(1).sum()) / rollout_time, "rollout_time": rollout_time,
+               "update_time": update_time, "decisions": int(rows.sum()), "groups_kept": int(keep.sum()) // G,
+               "train/success_once": success.float().mean().item(), "train/return": returns.mean().item(),
+               "train/episode_len": episode_len.mean().item(), **{k: float(np.mean(v)) for k, v in stats.items()}}
+        log(row)
+        bar.set_postfix(success=f"{row['train/success_once']:.2f}")
+        done = iteration + 1 == args.total_iterations or (args.time_budget_min is not None
+                                                           and train_time >= 60 * args.time_budget_min)
+        if args.eval_episodes > 0 and (done or (args.eval_every and (iteration + 1) % args.eval_every == 0)):
+            eval_metrics = run_eval(iteration + 1)
+        if done or (iteration + 1) % args.save_every == 0:
+            save(iteration + 1)
+        if done:
+            break
+    envs.close(), eval_envs.close()
+    return eval_metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,753 @@
+"""PPO with Flow-Noise: online RL fine-tuning of a flow-matching VLA policy (pi_RL, Flow-Noise variant).
+
+A flow policy samples an action chunk by integrating a velocity field from noise (t=1) to action (t=0); the
+action's likelihood is intractable. Flow-Noise adds a small learnable noise head on the action expert's outputs and
+makes EVERY denoising step a Gaussian transition,
+    x_k+1 = x_k - v(x_k, t_k)/K + sigma_k xi,   sigma_k = noise_head(expert tokens) in [sigma_min, sigma_max],
+so the whole chain has an exact log-likelihood:
+    log p = log N(x_0; 0, I) + sum_k log N(x_k+1; x_k - v/K, sigma_k^2).
+The rollout stores the chain x_0..x_K; the PPO update recomputes all K transitions over one cached prefix.
+Evaluation uses the deterministic ODE; the noise head is only used for exploration and the likelihood.
+
+    python flow_noise_ppo.py                                   # PickCube, state obs, tiny policy, CPU
+    python flow_noise_ppo.py --env-id PickCube --num-envs 320  # on a GPU (physx_cuda)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import vla
+
+
+@dataclass
+class Args:
+    env_id: str = "PickCube"
+    """ManiSkill task (short alias or full id) or a LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10)"""
+    task_ids: tuple[int, ...] = (0,)
+    """LIBERO: the suite's task indices"""
+    checkpoint: str | None = None
+    """SFT checkpoint to start from (default: runs/sft/<env id>/checkpoint, written by sft_baseline.py)"""
+    obs_mode: str | None = None
+    """"state" or "rgb" (default: the SFT checkpoint's)"""
+    control_mode: str | None = None
+    """ManiSkill controller (default: the SFT checkpoint's)"""
+    reward_mode: str = "normalized_dense"
+    """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success)"""
+    max_episode_steps: int = 80
+    """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
+    num_envs: int = 16
+    """parallel training environments (the paper uses 320 on a GPU)"""
+    num_steps: int = 10
+    """decision points (action chunks) per environment per iteration (10 x 8 actions = one 80-step episode)"""
+    total_iterations: int = 200
+    """iterations (rollout + update)"""
+    time_budget_min: float | None = None
+    """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
+    action_chunk: int | None = None
+    """C: actions executed per decision point, the first C of the predicted chunk (default: the SFT checkpoint's)"""
+    denoise_steps: int = 4
+    """K: denoising steps, in rollouts and evaluation"""
+    sigma_min: float = 0.08
+    """lower bound of the noise head's std"""
+    sigma_max: float = 0.16
+    """upper bound of the noise head's std"""
+    entropy_coef: float = 0.005
+    """weight of the entropy bonus of the step noises"""
+    logprob_reduction: str = "sum"
+    """"sum": the exact chain log-likelihood (default); "mean": divided by K+1, as the reference code reports it"""
+    ratio_level: str = "chunk"
+    """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim)"""
+    critic_input: str = "expert"
+    """"expert": mean of the action expert's output tokens; "vlm": mean of the VLM prefix output"""
+    critic_detach: bool = True
+    """stop the value loss's gradient at the critic's input features"""
+    gamma: float = 0.99
+    """discount per decision point"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    update_epochs: int = 4
+    """PPO epochs per iteration"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    clip_coef: float = 0.2
+    """PPO ratio clip"""
+    value_clip: float = 0.2
+    """value clip around the rollout's value"""
+    huber_delta: float = 10.0
+    """Huber loss threshold of the value loss"""
+    vf_coef: float = 1.0
+    """value loss weight"""
+    lr: float = 1e-4
+    """actor learning rate (the expert, projections); the VLM is frozen"""
+    value_lr: float = 1e-3
+    """critic learning rate"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip"""
+    target_kl: float | None = None
+    """stop an iteration's epochs early when the approximate KL exceeds this"""
+    eval_every: int = 10
+    """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
+    eval_episodes: int = 100
+    """evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation"""
+    num_eval_envs: int = 10
+    """parallel evaluation environments"""
+    eval_seed: int = 10_000
+    """first seed of the evaluation episodes"""
+    save_every: int = 10
+    """write the checkpoint every N iterations"""
+    capture_video: bool = False
+    """save a video of the first evaluation environment at each evaluation"""
+    seed: int = 1
+    """random seed"""
+    output_dir: str | None = None
+    """run directory (default runs/flow_noise_ppo/<env id>_<seed>)"""
+    resume: bool = False
+    """continue from <output_dir>/checkpoint"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "pi_rl"
+    """W&B project"""
+
+
+# ================================================================================================ environments
+# ManiSkill tasks whose assets ship with ManiSkill (they run offline) and their instructions for the prompt.
+MANISKILL_TASKS = {
+    "PickCube": "pick up the cube and move it to the goal position",
+    "PushCube": "push the cube to the goal region",
+    "PullCube": "pull the cube to the goal region",
+    "StackCube": "stack the red cube on the green cube",
+    "PlaceSphere": "place the sphere into the bin",
+    "LiftPegUpright": "lift the peg upright",
+    "PegInsertionSide": "insert the peg into the hole",
+    "PokeCube": "use the peg to push the cube to the goal",
+    "RollBall": "roll the ball to the goal region",
+    "PlugCharger": "plug the charger into the receptacle",
+    "StackPyramid": "stack the cubes into a pyramid",
+}
+LIBERO_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
+
+
+def resolve_env_id(env_id: str) -> tuple[str, str]:
+    """-> ("maniskill" | "libero", full id). Unknown ids fail at once, listing the valid ones."""
+    if env_id in LIBERO_MAX_STEPS:
+        return "libero", env_id
+    short = env_id.removesuffix("-v1")
+    if short in MANISKILL_TASKS:
+        return "maniskill", f"{short}-v1"
+    raise ValueError(f"unknown --env-id {env_id!r}; valid: ManiSkill {sorted(MANISKILL_TASKS)} "
+                     f"(or with -v1) and LIBERO {sorted(LIBERO_MAX_STEPS)}")
+
+
+def to_torch_obs(obs, device) -> dict:
+    """ManiSkill observation (state vector, or rgb dict) -> {"state": [N, D] float, "images": [N, cams, H, W, 3] uint8}."""
+    if not isinstance(obs, dict):
+        return {"state": torch.as_tensor(obs, dtype=torch.float32, device=device), "images": None}
+    cams = [torch.as_tensor(c["rgb"], device=device) for c in obs["sensor_data"].values()]
+    state = torch.as_tensor(obs["agent"]["qpos"], dtype=torch.float32, device=device)
+    return {"state": state, "images": torch.stack(cams, 1)}
+
+
+def add_batch_dim(x):
+    return {k: add_batch_dim(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[None]
+
+
+class ManiSkillEnvs:
+    """N ManiSkill envs as one batch of torch tensors: the GPU simulator (physx_cuda) when CUDA is available,
+    otherwise a SyncVectorEnv of CPU envs. Both auto-reset in the same step and return the finished episode's
+    last observation and metrics in `info`, so the rest of the script sees one interface."""
+
+    def __init__(self, env_id, num_envs, obs_mode, control_mode, max_steps, ignore_terminations, device,
+                 reward_mode="normalized_dense"):
+        import mani_skill.envs  # noqa: F401  (registers the tasks)
+        kw = dict(obs_mode=obs_mode, control_mode=control_mode, max_episode_steps=max_steps,
+                  reward_mode=reward_mode, render_mode="rgb_array")
+        self.device, self.num_envs, self.gpu = device, num_envs, device.type == "cuda"
+        if self.gpu:
+            from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+            env = gym.make(env_id, num_envs=num_envs, sim_backend="physx_cuda", **kw)
+            self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=True, ignore_terminations=ignore_terminations,
+                                          record_metrics=True)
+        else:
+            from gymnasium.vector import AutoresetMode, SyncVectorEnv
+            from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+            def thunk():
+                env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **kw)
+                return CPUGymWrapper(env, ignore_terminations=ignore_terminations, record_metrics=True)
+            self.env = SyncVectorEnv([thunk] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+        self.action_dim = self.env.single_action_space.shape[0]
+        self.prompt = MANISKILL_TASKS[env_id.removesuffix("-v1")]
+
+    def reset(self, seed: int | list[int]):
+        obs, _ = self.env.reset(seed=seed)  # an int seeds env i with seed + i; a list gives each env its own
+        return to_torch_obs(obs, self.device)
+
+    def step(self, action: torch.Tensor):
+        """action [N, A] -> obs, reward [N], terminated [N], truncated [N], info with "success" [N],
+        "final_obs" (obs, with finished envs' rows replaced by their last observation) and "episode"
+        (metrics [N] of the episodes that just finished: success_once, success_at_end, return, episode_len)."""
+        obs, rew, term, trunc, info = self.env.step(action if self.gpu else action.cpu().numpy())
+        t = lambda x, dt=torch.float32: torch.as_tensor(x, dtype=dt, device=self.device)
+        obs, rew, term, trunc = to_torch_obs(obs, self.device), t(rew), t(term, torch.bool), t(trunc, torch.bool)
+        done = term | trunc
+        out = {"success": t(info["success"], torch.bool), "final_obs": obs, "episode": {}}
+        if done.any():
+            fin = {k: None if v is None else v.clone() for k, v in obs.items()}
+            if self.gpu:
+                last = to_torch_obs(info["final_observation"], self.device)
+                for k, v in fin.items():
+                    if v is not None:
+                        v[done] = last[k][done]
+            else:  # the CPU vector env keeps each finished episode's last observation unbatched
+                for i in done.nonzero()[:, 0].tolist():
+                    last = to_torch_obs(add_batch_dim(info["final_obs"][i]), self.device)
+                    for k, v in fin.items():
+                        if v is not None:
+                            v[i] = last[k][0]
+            out["final_obs"] = fin
+            ep = info["final_info"]["episode"]
+            out["episode"] = {k: t(v) for k, v in ep.items() if not k.startswith("_")}
+        return obs, rew, term, trunc, out
+
+    def render(self):
+        """First env's frame [H, W, 3] uint8 (for videos)."""
+        frame = self.env.render()[0] if self.gpu else self.env.call("render")[0]
+        return np.asarray(frame.cpu() if torch.is_tensor(frame) else frame)
+
+    def close(self):
+        self.env.close()
+
+
+def quat_xyzw_to_axis_angle(q: np.ndarray) -> np.ndarray:
+    """Unit quaternion (x, y, z, w) -> axis * angle, robosuite's convention (no sign flip of w), which the
+    LIBERO datasets' ee_states use. atan2 stays accurate near zero rotation, where angle/|v| -> 2/w."""
+    v, w = q[:3], float(np.clip(q[3], -1.0, 1.0))
+    n = float(np.linalg.norm(v))
+    if n < 1e-8:
+        return v * (2.0 / w) if abs(w) > 1e-8 else np.zeros(3)
+    return v * (2.0 * np.arctan2(n, w) / n)
+
+
+class LiberoEnvs:
+    """N LIBERO envs of one suite, stepped in this process, with the ManiSkillEnvs interface. Each env cycles
+    through its tasks' fixed init states; after reset it settles for 10 no-op steps (openpi's protocol).
+    Reward 1 on success; with ignore_terminations an episode runs to the suite's step limit (as ManiSkill eval)."""
+
+    def __init__(self, suite, task_ids, num_envs, max_steps, ignore_terminations, device, image_size=128):
+        from libero.libero import benchmark, get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+        bench = benchmark.get_benchmark_dict()[suite]()
+        bad = [i for i in task_ids if not 0 <= i < bench.n_tasks]
+        if bad:
+            raise ValueError(f"--task-ids {bad} out of range: {suite} has tasks 0..{bench.n_tasks - 1}")
+        self.device, self.num_envs, self.max_steps, self.ignore_terminations = device, num_envs, max_steps, ignore_terminations
+        ids = [task_ids[i * len(task_ids) // num_envs] for i in range(num_envs)]  # contiguous blocks per task
+        self.tasks = [bench.get_task(i) for i in ids]
+        self.init_states = [bench.get_task_init_states(i) for i in ids]
+        self.envs = []
+        for task in self.tasks:
+            # hard_reset=False: set_init_state overwrites the whole simulator state anyway, and a soft reset
+            # takes 0.3 s instead of 6 s here.
+            env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
+                                                                 task.bddl_file),
+                                     camera_heights=image_size, camera_widths=image_size, hard_reset=False)
+            env.seed(7)
+            self.envs.append(env)
+        self.prompts = [t.language for t in self.tasks]
+        self.prompt = self.prompts[0]
+        self.action_dim = 7
+        self.episode_idx = np.zeros(num_envs, dtype=int)
+        self.steps = np.zeros(num_envs, dtype=int)
+        self.ret = np.zeros(num_envs)
+        self.succ_once = np.zeros(num_envs, dtype=bool)
+
+    @staticmethod
+    def obs_of(raw: dict) -> tuple[np.ndarray, np.ndarray]:
+        """-> images [2, H, W, 3] uint8 (agentview, wrist; rotated upright) and state [8] (eef pos, axis-angle, gripper)."""
+        images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
+        state = np.concatenate([raw["robot0_eef_pos"], quat_xyzw_to_axis_angle(raw["robot0_eef_quat"]),
+                                raw["robot0_gripper_qpos"]])
+        return images, state.astype(np.float32)
+
+    def _reset_one(self, i: int, seed: int | None):
+        if seed is not None:
+            self.episode_idx[i] = seed
+        env, states = self.envs[i], self.init_states[i]
+        env.reset()
+        raw = env.set_init_state(states[self.episode_idx[i] % len(states)])
+        for _ in range(10):  # let objects settle
+            raw, *_ = env.step([0.0] * 6 + [-1.0])
+        self.episode_idx[i] += self.num_envs
+        self.steps[i], self.ret[i], self.succ_once[i] = 0, 0.0, False
+        return self.obs_of(raw)
+
+    def _batch(self, items):
+        images, state = zip(*items)
+        return {"state": torch.as_tensor(np.stack(state), device=self.device),
+                "images": torch.as_tensor(np.stack(images), device=self.device)}
+
+    def reset(self, seed: int | list[int]):
+        seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
+        return self._batch([self._reset_one(i, s) for i, s in enumerate(seeds)])  # seed = init-state index
+
+    def step(self, action: torch.Tensor):
+        items, final, rew, term, trunc, succ = [], [], [], [], [], []
+        episode = {k: np.zeros(self.num_envs) for k in ("success_once", "success_at_end", "return", "episode_len")}
+        for i, (env, a) in enumerate(zip(self.envs, action.cpu().numpy())):
+            raw, r, done, _ = env.step(a.tolist())
+            success = bool(done)  # LIBERO's done is check_success()
+            self.steps[i] += 1
+            self.ret[i] += r
+            self.succ_once[i] |= success
+            te = success and not self.ignore_terminations
+            tr = self.steps[i] >= self.max_steps and not te
+            items.append(self.obs_of(raw))
+            final.append(items[-1])
+            if te or tr:
+                episode["success_once"][i], episode["success_at_end"][i] = self.succ_once[i], success
+                episode["return"][i], episode["episode_len"][i] = self.ret[i], self.steps[i]
+                items[-1] = self._reset_one(i, None)
+            rew.append(r), term.append(te), trunc.append(tr), succ.append(success)
+        t = lambda x, dt=torch.float32: torch.as_tensor(np.asarray(x), dtype=dt, device=self.device)
+        term, trunc = t(term, torch.bool), t(trunc, torch.bool)
+        self.last_frame = final[0][0][0]  # env 0's agentview before any reset, for videos
+        info = {"success": t(succ, torch.bool), "final_obs": self._batch(final),
+                "episode": {k: t(v) for k, v in episode.items()} if (term | trunc).any() else {}}
+        return self._batch(items), t(rew), term, trunc, info
+
+    def render(self):
+        return self.last_frame
+
+    def close(self):
+        for env in self.envs:
+            env.close()
+
+
+def make_envs(args, num_envs: int, ignore_terminations: bool, device):
+    kind, env_id = resolve_env_id(args.env_id)
+    if kind == "libero":
+        return LiberoEnvs(env_id, args.task_ids, num_envs, LIBERO_MAX_STEPS[env_id], ignore_terminations, device)
+    return ManiSkillEnvs(env_id, num_envs, args.obs_mode, args.control_mode, args.max_episode_steps,
+                         ignore_terminations, device, args.reward_mode)
+
+
+# ================================================================================================ Flow-Noise
+class NoiseHead(nn.Module):
+    """Per-token, per-dim std of every denoising step from the expert's action-token outputs (which already depend
+    on the observation, x_t and t): W -> 128 -> 64 -> D with tanh, squashed log-linearly into [sigma_min, sigma_max]."""
+
+    def __init__(self, width: int, action_dims: int, sigma_min: float, sigma_max: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
+                                 nn.Linear(64, action_dims))
+        self.log_min, self.log_max = math.log(sigma_min), math.log(sigma_max)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        u = (torch.tanh(self.net(h.float())) + 1) / 2  # [N, H, D] in (0, 1)
+        return torch.exp(self.log_min + u * (self.log_max - self.log_min))
+
+
+def gaussian_logp(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, C: int, A: int) -> torch.Tensor:
+    """log N(x; mean, std^2) of every executed entry: the first C actions, the env's A real dims -> [N, C, A]."""
+    z = (x - mean)[:, :C, :A] / std[:, :C, :A]
+    return -0.5 * z**2 - torch.log(std[:, :C, :A]) - 0.5 * math.log(2 * math.pi)
+
+
+def denoise_transition(policy, noise_head, prefix, x, k, K):
+    """Step k of the chain (t = 1 - k/K): mean = the Euler step x - v/K, std from the noise head -> [N, H, D] each."""
+    t = torch.full((x.shape[0],), 1.0 - k / K, device=x.device)
+    v, h = policy.velocity(prefix, x, t)
+    return x - v / K, noise_head(h)
+
+
+@torch.no_grad()
+def sample_chain(policy, noise_head, prefix, args, action_dim: int, generator=None):
+    """Every one of the K steps is stochastic: x_k+1 = x_k - v/K + sigma_k xi. -> chain [N, K+1, H, D] (x_0 the
+    noise at t=1, x_K the normalised action chunk) and the log-likelihood terms [N, K+1, C, A] (prior, then steps)."""
+    K, N = args.denoise_steps, prefix.mask.shape[0]
+    H, D, dev = policy.spec["chunk_size"], policy.spec["max_action_dim"], prefix.mask.device
+    chain = torch.empty(N, K + 1, H, D, device=dev)  # [N, K+1, H, D]
+    chain[:, 0] = torch.randn(N, H, D, device=dev, generator=generator)
+    terms = torch.empty(N, K + 1, args.action_chunk, action_dim, device=dev)  # [N, K+1, C, A]
+    terms[:, 0] = gaussian_logp(chain[:, 0], torch.zeros_like(chain[:, 0]), torch.ones_like(chain[:, 0]),
+                                args.action_chunk, action_dim)
+    for k in range(K):
+        mean, std = denoise_transition(policy, noise_head, prefix, chain[:, k], k, K)
+        chain[:, k + 1] = mean + std * torch.randn(mean.shape, device=dev, generator=generator)
+        terms[:, k + 1] = gaussian_logp(chain[:, k + 1], mean, std, args.action_chunk, action_dim)
+    return chain, terms
+
+
+def chain_logp(policy, noise_head, prefix, chain, args, action_dim):
+    """Log-likelihood terms [M, K+1, C, A] of stored chains under the current parameters (K expert passes over one
+    cached prefix) and the mean entropy of the step noises."""
+    K = args.denoise_steps
+    terms, entropy = [], 0.0
+    x0 = chain[:, 0]
+    terms.append(gaussian_logp(x0, torch.zeros_like(x0), torch.ones_like(x0), args.action_chunk, action_dim))
+    for k in range(K):
+        mean, std = denoise_transition(policy, noise_head, prefix, chain[:, k], k, K)
+        terms.append(gaussian_logp(chain[:, k + 1], mean, std, args.action_chunk, action_dim))
+        entropy = entropy + (0.5 * torch.log(2 * math.pi * math.e * std[:, :args.action_chunk, :action_dim] ** 2)).mean()
+    return torch.stack(terms, 1), entropy / K
+
+
+def reduce_terms(terms: torch.Tensor, how: str) -> torch.Tensor:
+    """[N, K+1, C, A] -> [N, C, A]: the exact log-likelihood sums the K+1 terms; "mean" divides it by K+1 as the
+    reference code does (the same ratio's log, scaled)."""
+    return terms.sum(1) if how == "sum" else terms.mean(1)
+
+
+def ppo_loss(policy, noise_head, critic, normalizer, args, action_dim, state, images, prompts, chain, old_logp,
+             adv, ret, old_value):
+    """Clipped surrogate on the recomputed chain likelihood, entropy bonus of the step noises, clipped Huber value
+    loss, for one minibatch of M decisions. -> loss, stats."""
+    prefix = policy.encode_prefix(normalizer.normalize("state", state), prompts, images)  # VLM frozen: no grad
+    terms, entropy = chain_logp(policy, noise_head, prefix, chain, args, action_dim)
+    log_ratio = reduce_terms(terms, args.logprob_reduction) - old_logp  # [M, C, A]
+    if args.ratio_level == "chunk":
+        log_ratio = log_ratio.sum((1, 2))  # [M]
+    else:
+        adv = adv[:, None, None].expand_as(log_ratio)  # the chunk's advantage on every (action, dim)
+    ratio = log_ratio.exp()
+    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    value = critic(critic_features(policy, prefix, args))
+    v_clipped = old_value + (value - old_value).clamp(-args.value_clip, args.value_clip)
+    v_loss = torch.max(F.huber_loss(value, ret, reduction="none", delta=args.huber_delta),
+                       F.huber_loss(v_clipped, ret, reduction="none", delta=args.huber_delta)).mean()
+    with torch.no_grad():
+        stats = {"pg_loss": pg_loss.item(), "v_loss": v_loss.item(), "entropy": entropy.item(),
+                 "ratio_mean": ratio.mean().item(), "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                 "clipfrac": ((ratio - 1).abs() > args.clip_coef).float().mean().item()}
+    return pg_loss - args.entropy_coef * entropy + args.vf_coef * v_loss, stats
+
+
+class Critic(nn.Module):
+    """Chunk-level value: MLP 512-256-128-1 (ReLU) on the critic features; Kaiming hidden layers, N(0, 0.02)
+    output, zero biases."""
+
+    def __init__(self, in_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                                 nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 1))
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.net[-1].weight, std=0.02)
+
+    def forward(self, features):
+        return self.net(features).squeeze(-1)
+
+
+def critic_features(policy, prefix, args) -> torch.Tensor:
+    """pi0 style: mean of the expert's action-token outputs, queried at (x = 0, t = 1) so the value depends on the
+    observation only; pi0.5 style ("vlm"): mean of the VLM prefix output. -> [N, W]"""
+    if args.critic_input == "vlm":
+        return prefix.features.float()
+    N, H, D = prefix.mask.shape[0], policy.spec["chunk_size"], policy.spec["max_action_dim"]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not args.critic_detach):
+        _, h = policy.velocity(prefix, torch.zeros(N, H, D, device=prefix.mask.device),
+                               torch.ones(N, device=prefix.mask.device))
+    return h.mean(1).float()
+
+
+def compute_gae(rewards, values, dones, final_values, next_value, gamma, lam):
+    """GAE over decision points. rewards, values, dones, final_values: [T, N]; dones[t] = 1 when the episode ended
+    inside chunk t; final_values[t] = V(last observation) when it ended by the time limit (bootstrap), 0 when it
+    terminated; next_value [N] = V(observation after the last chunk). -> advantages, returns [T, N]."""
+    T = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        nxt = next_value if t == T - 1 else values[t + 1]
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * (not_done * nxt + final_values[t]) - values[t]
+        last = delta + gamma * lam * not_done * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+@torch.no_grad()
+def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, generator=None):
+    """Deterministic ODE from noise (t=1) to action (t=0) in K Euler steps -> env actions [N, H, A]."""
+    state = normalizer.normalize("state", obs["state"])
+    prefix = policy.encode_prefix(state, prompts, obs["images"])
+    N, H, D = state.shape[0], policy.spec["chunk_size"], policy.spec["max_action_dim"]
+    x = torch.randn(N, H, D, device=state.device, generator=generator)  # [N, H, max_action_dim] at t=1
+    for k in range(denoise_steps):
+        v, _ = policy.velocity(prefix, x, 1.0 - k / denoise_steps)
+        x = x - v / denoise_steps  # dt = -1/K
+    return normalizer.unnormalize("actions", x[..., :action_dim])
+
+
+def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None) -> dict:
+    """Fixed-seed episodes run to the time limit (terminations ignored), executing the first C actions of each
+    chunk. -> mean success_once, success_at_end, return, episode_len."""
+    policy.eval()
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(args.eval_seed)
+    prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
+    results, frames = {}, []
+    for r in range(math.ceil(num_episodes / envs.num_envs)):
+        obs = envs.reset(seed=args.eval_seed + r * envs.num_envs)
+        finished = False
+        while not finished:
+            chunk = sample_actions(policy, normalizer, obs, prompts, args.denoise_steps, envs.action_dim, gen)
+            for c in range(args.action_chunk):
+                obs, _, _, _, info = envs.step(chunk[:, c])
+                if video_path is not None and r == 0:
+                    frames.append(envs.render())
+                if info["episode"]:  # all envs reach the time limit together
+                    for k, v in info["episode"].items():
+                        results.setdefault(k, []).append(v.float().cpu())
+                    finished = True
+                    break
+    if frames:
+        import imageio
+        Path(video_path).parent.mkdir(parents=True, exist_ok=True)
+        imageio.mimsave(video_path, frames, fps=20)
+    return {k: torch.cat(v)[:num_episodes].mean().item() for k, v in results.items()}
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
+    """AdamW state as flat tensors (for safetensors) + its param groups (for JSON)."""
+    sd = opt.state_dict()
+    return {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}, sd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ================================================================================================ main
+def load_policy(args, env_id, resume_dir: Path):
+    """The SFT checkpoint (or this run's own, to resume) -> policy, normaliser, extra tensors, meta, path."""
+    path = resume_dir if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
+    if not path.is_dir() and not Path(f"{path}.old").is_dir():
+        if args.resume:
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (is --output-dir the run's directory?)")
+        raise FileNotFoundError(f"no SFT checkpoint at {path}: run `python sft_baseline.py --env-id {args.env_id}` "
+                                "first, or pass --checkpoint")
+    policy, normalizer, extra, meta = vla.load_checkpoint(path)
+    if normalizer is None:
+        raise ValueError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
+    args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
+    args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
+    args.action_chunk = args.action_chunk or meta.get("action_chunk", 5)
+    return policy, normalizer, extra, meta, path
+
+
+def main(args: Args):
+    kind, env_id = resolve_env_id(args.env_id)
+    if args.ratio_level not in ("chunk", "token") or args.critic_input not in ("expert", "vlm"):
+        raise ValueError("--ratio-level must be chunk|token and --critic-input expert|vlm")
+    if args.logprob_reduction not in ("sum", "mean") or not 0 < args.sigma_min <= args.sigma_max:
+        raise ValueError("--logprob-reduction must be sum|mean and 0 < --sigma-min <= --sigma-max")
+    batch_size = args.num_envs * args.num_steps
+    if args.num_minibatches < 1 or batch_size % args.num_minibatches:
+        raise ValueError(f"the batch of {batch_size} decisions (num_envs {args.num_envs} x num_steps "
+                         f"{args.num_steps}) does not split into {args.num_minibatches} equal minibatches")
+    minibatch_size = batch_size // args.num_minibatches
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    run_dir = Path(args.output_dir or f"runs/flow_noise_ppo/{env_id}_{args.seed}")
+    ckpt_dir = run_dir / "checkpoint"
+
+    # ---- policy (frozen VLM), critic, optimiser: from the SFT checkpoint or resumed from this run's
+    policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir)
+    if args.action_chunk > policy.spec["chunk_size"]:
+        raise ValueError(f"--action-chunk {args.action_chunk} exceeds the policy's chunk size {policy.spec['chunk_size']}")
+    envs = make_envs(args, args.num_envs, ignore_terminations=False, device=device)
+    eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
+    A = envs.action_dim
+    if policy.config.action_dim != A:
+        raise ValueError(f"{source} outputs {policy.config.action_dim}-D actions but {env_id} with "
+                         f"{args.control_mode} takes {A}-D: use a checkpoint trained for this env and control mode")
+    policy.to(device).freeze_vlm()
+    feat_dim = policy.spec["text_hidden"] if args.critic_input == "vlm" else policy.spec["expert_hidden"]
+    critic = Critic(feat_dim).to(device)
+    noise_head = NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], args.sigma_min,
+                           args.sigma_max).to(device)
+    actor_params = lambda: policy.trainable_parameters() + list(noise_head.parameters())  # noqa: E731
+    opt = torch.optim.AdamW([{"params": actor_params(), "lr": args.lr},
+                             {"params": critic.parameters(), "lr": args.value_lr}], betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    start_iter, global_step, train_time = 0, 0, 0.0
+    if args.resume:
+        critic.load_state_dict({k[len("critic."):]: v for k, v in extra.items() if k.startswith("critic.")})
+        noise_head.load_state_dict({k[len("noise_head."):]: v for k, v in extra.items() if k.startswith("noise_head.")})
+        load_optimizer(opt, extra, meta["optimizer"])
+        start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
+
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+
+    def log(row: dict):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        if args.track:
+            wandb.log(row, step=row["global_step"])
+
+    def save(iteration):
+        opt_tensors, groups = optimizer_tensors(opt)
+        extra = {**{f"critic.{k}": v for k, v in critic.state_dict().items()},
+                 **{f"noise_head.{k}": v for k, v in noise_head.state_dict().items()}, **opt_tensors}
+        vla.save_checkpoint(ckpt_dir, policy, normalizer, extra, {
+            "iteration": iteration, "global_step": global_step, "train_time": train_time, "optimizer": groups,
+            "args": asdict(args), "env_id": env_id, "obs_mode": args.obs_mode, "control_mode": args.control_mode,
+            "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
+            "sft_checkpoint": meta.get("sft_checkpoint", str(source))})
+
+    def run_eval(iteration):
+        video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video else None
+        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video)
+        log({"iteration": iteration, "global_step": global_step, "train_time": train_time,
+             **{f"eval/{k}": v for k, v in m.items()}})
+        tqdm.write(f"iter {iteration} step {global_step}: eval success_once {m['success_once']:.3f} "
+                   f"success_at_end {m['success_at_end']:.3f}")
+        return m
+
+    # ---- rollout storage: one row per decision point (action chunk)
+    T, N, C, K = args.num_steps, args.num_envs, args.action_chunk, args.denoise_steps
+    H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
+    prompts = getattr(envs, "prompts", [envs.prompt] * N)
+    obs = envs.reset(seed=args.seed * 1_000_003 + start_iter)  # training seeds never overlap eval seeds
+    images_on = obs["images"] is not None
+    obs_state = torch.zeros(T, N, obs["state"].shape[1], device=device)  # [T, N, state_dim]
+    obs_images = torch.zeros(T, N, *obs["images"].shape[1:], dtype=torch.uint8, device=device) if images_on else None
+    chains = torch.zeros(T, N, K + 1, H, D, device=device)  # x_0 (noise) .. x_K (action chunk)
+    logprobs = torch.zeros(T, N, C, A, device=device)
+    values, rewards, dones, final_values = (torch.zeros(T, N, device=device) for _ in range(4))
+
+    def value_of(o):
+        prefix = policy.encode_prefix(normalizer.normalize("state", o["state"]), prompts[: len(o["state"])],
+                                      o["images"])
+        return critic(critic_features(policy, prefix, args))
+
+    eval_metrics = run_eval(0) if args.eval_episodes > 0 and start_iter == 0 else {}  # the SFT policy
+    bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations, desc="ppo")
+    for iteration in bar:
+        # ---- rollout
+        policy.eval()
+        t0, episodes = time.time(), {}
+        for step in range(T):
+            obs_state[step] = obs["state"]
+            if images_on:
+                obs_images[step] = obs["images"]
+            with torch.no_grad():
+                prefix = policy.encode_prefix(normalizer.normalize("state", obs["state"]), prompts, obs["images"])
+                values[step] = critic(critic_features(policy, prefix, args))
+                chains[step], terms = sample_chain(policy, noise_head, prefix, args, A)
+                logprobs[step] = reduce_terms(terms, args.logprob_reduction)
+                chunk = chains[step, :, K]
+            actions = normalizer.unnormalize("actions", chunk[:, :C, :A])  # [N, C, A]
+            alive = torch.ones(N, dtype=torch.bool, device=device)
+            truncated = torch.zeros(N, dtype=torch.bool, device=device)
+            final = {k: None if v is None else v.clone() for k, v in obs.items()}
+            reward = torch.zeros(N, device=device)
+            for c in range(C):
+                # An episode that ends inside the chunk is credited with its rewards up to its end; the rest of
+                # the chunk's actions run in the freshly reset episode and are credited to nobody.
+                obs, r, term, trunc, info = envs.step(actions[:, c])
+                reward += r * alive
+                ended = (term | trunc) & alive
+                for k, v in final.items():
+                    if v is not None:
+                        v[ended] = info["final_obs"][k][ended]
+                truncated |= trunc & ~term & alive
+                for k, v in info["episode"].items():
+                    episodes.setdefault(k, []).append(v[term | trunc].float().cpu())
+                alive &= ~ended
+            global_step += N * C
+            rewards[step], dones[step] = reward, (~alive).float()
+            final_values[step] = 0.0
+            if truncated.any():  # bootstrap episodes cut by the time limit from their last observation
+                with torch.no_grad():
+                    final_values[step][truncated] = value_of({k: None if v is None else v[truncated]
+                                                             for k, v in final.items()})
+        rollout_time = time.time() - t0
+
+        # ---- advantages
+        with torch.no_grad():
+            next_value = value_of(obs)
+        advantages, returns = compute_gae(rewards, values, dones, final_values, next_value, args.gamma,
+                                          args.gae_lambda)
+
+        # ---- PPO update: recompute all K transitions of each stored chain
+        t1 = time.time()
+        policy.train()
+        b = lambda x: x.reshape(T * N, *x.shape[2:])
+        b_state, b_chain = b(obs_state), b(chains)
+        b_images = b(obs_images) if images_on else None
+        b_logp, b_adv, b_ret, b_val = b(logprobs), b(advantages), b(returns), b(values)
+        b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
+        stats = {}
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(T * N, device=device)
+            for start in range(0, T * N, minibatch_size):
+                mb = perm[start:start + minibatch_size]
+                loss, mb_stats = ppo_loss(policy, noise_head, critic, normalizer, args, A, state=b_state[mb],
+                                          images=b_images[mb] if images_on else None,
+                                          prompts=[prompts[i % N] for i in mb.tolist()],  # row i is env i % N
+                                          chain=b_chain[mb], old_logp=b_logp[mb],
+                                          adv=b_adv[mb], ret=b_ret[mb], old_value=b_val[mb])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}; the last good "
+                                             f"checkpoint is in {ckpt_dir}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(actor_params() + list(critic.parameters()),
+                                                     args.max_grad_norm)
+                opt.step()
+                for k, v in {**mb_stats, "grad_norm": grad_norm.item()}.items():
+                    stats.setdefault(k, []).append(v)
+            if args.target_kl is not None and np.mean(stats["approx_kl"][-args.num_minibatches:]) > args.target_kl:
+                break
+        update_time = time.time() - t1
+        train_time += rollout_time + update_time
+
+        var_y = b_ret.var()
+        row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time,
+               "rollout_sps": N * C * T / rollout_time, "rollout_time": rollout_time, "update_time": update_time,
+               "explained_variance": (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan"),
+               **{k: float(np.mean(v)) for k, v in stats.items()},
+               **{f"train/{k}": torch.cat(v).mean().item() for k, v in episodes.items() if torch.cat(v).numel()}}
+        log(row)
+        bar.set_postfix(success=f"{row.get('train/success_once', float('nan')):.2f}", kl=f"{row['approx_kl']:.4f}")
+        done = iteration + 1 == args.total_iterations or (args.time_budget_min is not None
+                                                           and train_time >= 60 * args.time_budget_min)
+        if args.eval_episodes > 0 and (done or (args.eval_every and (iteration + 1) % args.eval_every == 0)):
+            eval_metrics = run_eval(iteration + 1)
+        if done or (iteration + 1) % args.save_every == 0:
+            save(iteration + 1)
+        if done:
+            break
+    envs.close(), eval_envs.close()
+    return eval_metrics
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

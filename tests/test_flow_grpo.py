@@ -1,0 +1,89 @@
+"""flow_grpo.py: group advantages, shared initial states, ratio 1, smoke run, errors."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import flow_grpo as grpo
+import vla
+
+
+def test_group_advantages_on_hand_made_returns():
+    returns = torch.tensor([1.0, 0.0, 0.0, 1.0,   2.0, 2.0, 2.0, 2.0,   0.0, 0.0, 0.0, 3.0])
+    success = returns > 0
+    adv, keep = grpo.group_advantages(returns, success, 4, filter_groups=False)
+    # group 0: mean 0.5, population std 0.5 -> +-1; group 1: zero variance -> 0; group 2: mean 0.75, std 1.299
+    torch.testing.assert_close(adv[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(adv[4:8], torch.zeros(4))
+    s = np.std([0, 0, 0, 3.0])
+    torch.testing.assert_close(adv[8:], torch.tensor([-0.75, -0.75, -0.75, 2.25]) / (s + 1e-6))
+    assert keep.all()
+    _, keep = grpo.group_advantages(returns, success, 4, filter_groups=True)
+    # success rates 0.5 (kept), 1.0 (dropped), 0.25 (kept)
+    assert keep.tolist() == [True] * 4 + [False] * 4 + [True] * 4
+
+
+def test_group_members_start_from_the_same_simulator_state():
+    envs = grpo.ManiSkillEnvs("PickCube-v1", 4, "state", "pd_ee_delta_pose", 10, False, torch.device("cpu"))
+    obs = envs.reset(seed=[7, 7, 8, 8])
+    states = [torch.as_tensor(e.unwrapped.get_state()) for e in envs.env.envs]  # full physics state per env
+    assert torch.equal(states[0], states[1]) and torch.equal(states[2], states[3])
+    assert not torch.equal(states[0], states[2])
+    assert torch.equal(obs["state"][0], obs["state"][1]) and not torch.equal(obs["state"][1], obs["state"][2])
+    envs.close()
+
+
+def setup(tmp_path=None, action_dim=7):
+    torch.manual_seed(0)
+    policy = vla.build("tiny", action_dim=action_dim, state_dim=42)
+    norm = vla.Normalizer.from_data(np.random.randn(100, 42), np.random.rand(100, action_dim) * 2 - 1)
+    if tmp_path is not None:
+        vla.save_checkpoint(tmp_path / "sft", policy, norm, meta={"obs_mode": "state", "control_mode": "pd_ee_delta_pose"})
+    return policy, norm
+
+
+def test_ratio_one_on_first_epoch_and_kl_zero_at_start():
+    policy, norm = setup()
+    policy.freeze_vlm()
+    ref = setup()[0].eval()  # identical weights
+    args = replace(grpo.Args(), kl_coef=0.1, action_chunk=5)
+    state, prompts = torch.randn(8, 42), ["pick"] * 8
+    with torch.no_grad():
+        prefix = policy.encode_prefix(norm.normalize("state", state), prompts)
+        _, xb, xa, k, logp = grpo.sample_chunk(policy, prefix, args, 7)
+    loss, stats = grpo.grpo_loss(policy, ref, norm, args, 7, state, None, prompts, xb, xa, k, logp, torch.randn(8))
+    assert abs(stats["ratio_mean"] - 1) < 1e-5 and stats["approx_kl"] < 1e-9 and stats["kl_ref"] < 1e-9
+    loss.backward()
+    assert all(p.grad is None for p in policy.vlm.parameters())
+    assert policy.pi0.action_out_proj.weight.grad.abs().sum() > 0
+
+
+def small_args(tmp_path, **kw):
+    return replace(grpo.Args(), checkpoint=str(tmp_path / "sft"), output_dir=str(tmp_path / "run"), num_envs=4,
+                   group_size=2, num_minibatches=2, update_epochs=2, total_iterations=2, eval_every=0,
+                   eval_episodes=2, num_eval_envs=2, max_episode_steps=10, save_every=1, **kw)
+
+
+def test_smoke_two_iterations_and_resume(tmp_path):
+    setup(tmp_path)
+    args = small_args(tmp_path)
+    grpo.main(args)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "rollout_time" in r]
+    assert [r["iteration"] for r in train] == [1, 2] and all(r["decisions"] > 0 for r in train)
+    assert train[0]["train/episode_len"] <= 10
+    grpo.main(replace(args, total_iterations=3, resume=True))
+    assert vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]["iteration"] == 3
+
+
+def test_bad_inputs(tmp_path):
+    setup(tmp_path)
+    with pytest.raises(ValueError, match="--num-envs 6 must be a multiple of --group-size 4"):
+        grpo.main(replace(small_args(tmp_path), num_envs=6, group_size=4))
+    with pytest.raises(ValueError, match="multiple of --group-size 1"):
+        grpo.main(replace(small_args(tmp_path), group_size=1))
+    with pytest.raises(FileNotFoundError, match="no SFT checkpoint"):
+        grpo.main(replace(small_args(tmp_path), checkpoint=str(tmp_path / "missing")))

@@ -1,0 +1,119 @@
+"""flow_noise_ppo.py: the exact chain likelihood, the noise bounds, ratio 1, gradients, smoke run, errors."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import flow_noise_ppo as fn
+import vla
+
+
+def setup(seed=0, action_dim=7, state_dim=42, N=6):
+    torch.manual_seed(seed)
+    policy = vla.build("tiny", action_dim=action_dim, state_dim=state_dim).freeze_vlm()
+    head = fn.NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], 0.08, 0.16)
+    norm = vla.Normalizer.from_data(np.random.randn(100, state_dim), np.random.rand(100, action_dim) * 2 - 1)
+    state = torch.randn(N, state_dim)
+    prompts = ["pick up the cube"] * N
+    return policy, head, norm, state, prompts
+
+
+def test_chain_loglik_equals_sum_of_normal_logprobs():
+    policy, head, norm, state, prompts = setup()
+    args = replace(fn.Args(), action_chunk=5)
+    K, C, A = args.denoise_steps, args.action_chunk, 7
+    with torch.no_grad():
+        prefix = policy.encode_prefix(norm.normalize("state", state), prompts)
+        chain, terms = fn.sample_chain(policy, head, prefix, args, A)
+        # Reference: each transition's Normal written out from the model's own outputs.
+        ref = torch.distributions.Normal(0.0, 1.0).log_prob(chain[:, 0, :C, :A]).sum((1, 2))
+        for k in range(K):
+            v, h = policy.velocity(prefix, chain[:, k], 1.0 - k / K)
+            mean, std = chain[:, k] - v / K, head(h)
+            ref += torch.distributions.Normal(mean[:, :C, :A], std[:, :C, :A]).log_prob(chain[:, k + 1, :C, :A]).sum((1, 2))
+    ours = fn.reduce_terms(terms, "sum").sum((1, 2))
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(fn.reduce_terms(terms, "mean").sum((1, 2)), ref / (K + 1))
+    # The chain really moved: x_K is not the noise, and each step's residual is on the noise head's scale.
+    assert (chain[:, K] - chain[:, 0]).abs().mean() > 0.1
+
+
+def test_std_stays_in_bounds_for_extreme_head_outputs():
+    head = fn.NoiseHead(16, 4, 0.08, 0.16)
+    h = torch.randn(3, 5, 16)
+    for scale in (1e4, -1e4):
+        with torch.no_grad():
+            head.net[-1].weight.fill_(0).add_(scale * torch.sign(torch.randn_like(head.net[-1].weight)))
+        std = head(h * 1e3)
+        assert std.min() >= 0.08 * (1 - 1e-6) and std.max() <= 0.16 * (1 + 1e-6)
+    for bias, bound in ((1e4, 0.16), (-1e4, 0.08)):  # saturated either way: exactly at the bound
+        with torch.no_grad():
+            head.net[-1].weight.zero_()
+            head.net[-1].bias.fill_(bias)
+        torch.testing.assert_close(head(h), torch.full((3, 5, 4), bound))
+
+
+@pytest.mark.parametrize("ratio_level", ["chunk", "token"])
+def test_ratio_one_and_gradients(ratio_level):
+    policy, head, norm, state, prompts = setup(N=8)
+    args = replace(fn.Args(), ratio_level=ratio_level, action_chunk=5)
+    critic = fn.Critic(policy.spec["expert_hidden"])
+    with torch.no_grad():
+        prefix = policy.encode_prefix(norm.normalize("state", state), prompts)
+        chain, terms = fn.sample_chain(policy, head, prefix, args, 7)
+        old = fn.reduce_terms(terms, "sum")
+        value = critic(fn.critic_features(policy, prefix, args))
+        idx = torch.tensor([5, 1, 2])
+        pre2 = policy.encode_prefix(norm.normalize("state", state[idx]), prompts[:3])
+        new_terms, _ = fn.chain_logp(policy, head, pre2, chain[idx], args, 7)
+    ratio = (fn.reduce_terms(new_terms, "sum") - old[idx]).sum((1, 2)).exp()
+    assert (ratio - 1).abs().max() < 1e-5
+    loss, stats = fn.ppo_loss(policy, head, critic, norm, args, 7, state, None, prompts, chain, old,
+                              torch.randn(8), value + 1, value)
+    assert abs(stats["ratio_mean"] - 1) < 1e-5 and math.isfinite(stats["entropy"])
+    loss.backward()
+    assert all(p.grad is None for p in policy.vlm.parameters())
+    for name, p in list(policy.named_parameters()) + list(head.named_parameters()):
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert head.net[0].weight.grad.abs().sum() > 0 and head.net[-1].weight.grad.abs().sum() > 0
+    assert policy.pi0.model.dit.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def small_args(tmp_path, **kw):
+    return replace(fn.Args(), checkpoint=str(tmp_path / "sft"), output_dir=str(tmp_path / "run"), num_envs=2,
+                   num_steps=2, num_minibatches=2, update_epochs=2, total_iterations=2, eval_every=0,
+                   eval_episodes=2, num_eval_envs=2, max_episode_steps=10, save_every=1, **kw)
+
+
+def write_sft(tmp_path, action_dim=7):
+    policy, _, norm, _, _ = setup(action_dim=action_dim)
+    vla.save_checkpoint(tmp_path / "sft", policy, norm, meta={"obs_mode": "state", "control_mode": "pd_ee_delta_pose"})
+
+
+def test_smoke_two_iterations_and_resume(tmp_path):
+    write_sft(tmp_path)
+    args = small_args(tmp_path)
+    fn.main(args)
+    policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert meta["iteration"] == 2 and any(k.startswith("noise_head.") for k in extra)
+    fn.main(replace(args, total_iterations=3, resume=True))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["entropy"]) for r in rows if "entropy" in r)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no SFT checkpoint"):
+        fn.main(small_args(tmp_path))
+    write_sft(tmp_path, action_dim=6)
+    with pytest.raises(ValueError, match="outputs 6-D actions but PickCube-v1"):
+        fn.main(small_args(tmp_path))
+    with pytest.raises(ValueError, match="sigma-min"):
+        fn.main(replace(small_args(tmp_path), sigma_min=0.3))
+    with pytest.raises(ValueError, match="does not split into 3"):
+        fn.main(replace(small_args(tmp_path), num_minibatches=3))
