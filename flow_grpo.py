@@ -45,7 +45,9 @@ class Args:
     control_mode: str | None = None
     """ManiSkill controller (default: the SFT checkpoint's)"""
     reward_mode: str = "normalized_dense"
-    """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success)"""
+    """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success). With a dense
+    reward, training episodes run to the time limit even after success: the dense reward peaks at success, and
+    ending the episode there would make early success cost the rest of the episode's reward"""
     max_episode_steps: int = 80
     """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
     num_envs: int = 16
@@ -502,7 +504,8 @@ def main(args: Args):
     policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir)
     if args.action_chunk > policy.spec["chunk_size"]:
         raise ValueError(f"--action-chunk {args.action_chunk} exceeds the policy's chunk size {policy.spec['chunk_size']}")
-    envs = make_envs(args, args.num_envs, ignore_terminations=False, device=device)
+    dense = kind == "maniskill" and args.reward_mode != "sparse"
+    envs = make_envs(args, args.num_envs, ignore_terminations=dense, device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
     A = envs.action_dim
     if policy.config.action_dim != A:

@@ -45,7 +45,9 @@ class Args:
     control_mode: str | None = None
     """ManiSkill controller (default: the SFT checkpoint's)"""
     reward_mode: str = "normalized_dense"
-    """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success)"""
+    """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success). With a dense
+    reward, training episodes run to the time limit even after success: the dense reward peaks at success, and
+    ending the episode there would make early success cost the rest of the episode's reward"""
     max_episode_steps: int = 80
     """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
     num_envs: int = 16
@@ -88,6 +90,8 @@ class Args:
     """actor learning rate (the expert, projections); the VLM is frozen"""
     value_lr: float = 1e-3
     """critic learning rate"""
+    critic_warmup_iters: int = 5
+    """first iterations train only the critic (actor lr 0), so early advantages are not mostly value error"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     target_kl: float | None = None
@@ -547,7 +551,8 @@ def main(args: Args):
     policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir)
     if args.action_chunk > policy.spec["chunk_size"]:
         raise ValueError(f"--action-chunk {args.action_chunk} exceeds the policy's chunk size {policy.spec['chunk_size']}")
-    envs = make_envs(args, args.num_envs, ignore_terminations=False, device=device)
+    dense = kind == "maniskill" and args.reward_mode != "sparse"
+    envs = make_envs(args, args.num_envs, ignore_terminations=dense, device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
     A = envs.action_dim
     if policy.config.action_dim != A:
@@ -665,6 +670,7 @@ def main(args: Args):
         # ---- PPO update: recompute only the stored SDE step of each decision
         t1 = time.time()
         policy.train()
+        opt.param_groups[0]["lr"] = 0.0 if iteration < args.critic_warmup_iters else args.lr
         b = lambda x: x.reshape(T * N, *x.shape[2:])
         b_state, b_xb, b_xa, b_k = b(obs_state), b(x_before), b(x_after), b(k_stars)
         b_images = b(obs_images) if images_on else None
