@@ -76,7 +76,7 @@ def main():
     if not cli.plot_only:
         for algo in cli.algos:
             mod = SCRIPTS[algo]
-            args = replace(mod.Args(), time_budget_min=cli.minutes, total_iterations=10_000,
+            args = replace(mod.Args(), time_budget_min=cli.minutes, total_iterations=10_000, eval_every=15,
                            output_dir=str(OUT / algo))
             t0 = time.time()
             mod.main(args)

@@ -9,6 +9,7 @@ import torch
 
 import flow_grpo as grpo
 import vla
+from conftest import small_rl_args, tiny_policy, write_sft_checkpoint
 
 
 def test_group_advantages_on_hand_made_returns():
@@ -36,19 +37,10 @@ def test_group_members_start_from_the_same_simulator_state():
     envs.close()
 
 
-def setup(tmp_path=None, action_dim=7):
-    torch.manual_seed(0)
-    policy = vla.build("tiny", action_dim=action_dim, state_dim=42)
-    norm = vla.Normalizer.from_data(np.random.randn(100, 42), np.random.rand(100, action_dim) * 2 - 1)
-    if tmp_path is not None:
-        vla.save_checkpoint(tmp_path / "sft", policy, norm, meta={"obs_mode": "state", "control_mode": "pd_ee_delta_pose"})
-    return policy, norm
-
-
 def test_ratio_one_on_first_epoch_and_kl_zero_at_start():
-    policy, norm = setup()
+    policy, norm = tiny_policy()
     policy.freeze_vlm()
-    ref = setup()[0].eval()  # identical weights
+    ref = tiny_policy()[0].eval()  # identical weights
     args = replace(grpo.Args(), kl_coef=0.1, action_chunk=5)
     state, prompts = torch.randn(8, 42), ["pick"] * 8
     with torch.no_grad():
@@ -61,15 +53,9 @@ def test_ratio_one_on_first_epoch_and_kl_zero_at_start():
     assert policy.pi0.action_out_proj.weight.grad.abs().sum() > 0
 
 
-def small_args(tmp_path, **kw):
-    return replace(grpo.Args(), checkpoint=str(tmp_path / "sft"), output_dir=str(tmp_path / "run"), num_envs=4,
-                   group_size=2, num_minibatches=2, update_epochs=2, total_iterations=2, eval_every=0,
-                   eval_episodes=2, num_eval_envs=2, max_episode_steps=10, save_every=1, **kw)
-
-
 def test_smoke_two_iterations_and_resume(tmp_path):
-    setup(tmp_path)
-    args = small_args(tmp_path)
+    write_sft_checkpoint(tmp_path)
+    args = small_rl_args(grpo, tmp_path, num_envs=4)
     grpo.main(args)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "rollout_time" in r]
@@ -80,10 +66,10 @@ def test_smoke_two_iterations_and_resume(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    setup(tmp_path)
+    write_sft_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="--num-envs 6 must be a multiple of --group-size 4"):
-        grpo.main(replace(small_args(tmp_path), num_envs=6, group_size=4))
+        grpo.main(replace(small_rl_args(grpo, tmp_path, num_envs=4), num_envs=6, group_size=4))
     with pytest.raises(ValueError, match="multiple of --group-size 1"):
-        grpo.main(replace(small_args(tmp_path), group_size=1))
+        grpo.main(replace(small_rl_args(grpo, tmp_path, num_envs=4), group_size=1))
     with pytest.raises(FileNotFoundError, match="no SFT checkpoint"):
-        grpo.main(replace(small_args(tmp_path), checkpoint=str(tmp_path / "missing")))
+        grpo.main(replace(small_rl_args(grpo, tmp_path, num_envs=4), checkpoint=str(tmp_path / "missing")))

@@ -4,20 +4,19 @@ import json
 import math
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
 import flow_noise_ppo as fn
 import vla
+from conftest import small_rl_args, tiny_policy, write_sft_checkpoint
 
 
-def setup(seed=0, action_dim=7, state_dim=42, N=6):
-    torch.manual_seed(seed)
-    policy = vla.build("tiny", action_dim=action_dim, state_dim=state_dim).freeze_vlm()
+def setup(N=6):
+    policy, norm = tiny_policy()
+    policy.freeze_vlm()
     head = fn.NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], 0.08, 0.16)
-    norm = vla.Normalizer.from_data(np.random.randn(100, state_dim), np.random.rand(100, action_dim) * 2 - 1)
-    state = torch.randn(N, state_dim)
+    state = torch.randn(N, 42)
     prompts = ["pick up the cube"] * N
     return policy, head, norm, state, prompts
 
@@ -84,20 +83,9 @@ def test_ratio_one_and_gradients(ratio_level):
     assert policy.pi0.model.dit.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def small_args(tmp_path, **kw):
-    return replace(fn.Args(), checkpoint=str(tmp_path / "sft"), output_dir=str(tmp_path / "run"), num_envs=2,
-                   num_steps=2, num_minibatches=2, update_epochs=2, total_iterations=2, eval_every=0,
-                   eval_episodes=2, num_eval_envs=2, max_episode_steps=10, save_every=1, **kw)
-
-
-def write_sft(tmp_path, action_dim=7):
-    policy, _, norm, _, _ = setup(action_dim=action_dim)
-    vla.save_checkpoint(tmp_path / "sft", policy, norm, meta={"obs_mode": "state", "control_mode": "pd_ee_delta_pose"})
-
-
 def test_smoke_two_iterations_and_resume(tmp_path):
-    write_sft(tmp_path)
-    args = small_args(tmp_path)
+    write_sft_checkpoint(tmp_path)
+    args = small_rl_args(fn, tmp_path)
     fn.main(args)
     policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
     assert meta["iteration"] == 2 and any(k.startswith("noise_head.") for k in extra)
@@ -109,11 +97,11 @@ def test_smoke_two_iterations_and_resume(tmp_path):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no SFT checkpoint"):
-        fn.main(small_args(tmp_path))
-    write_sft(tmp_path, action_dim=6)
+        fn.main(small_rl_args(fn, tmp_path))
+    write_sft_checkpoint(tmp_path, action_dim=6)
     with pytest.raises(ValueError, match="outputs 6-D actions but PickCube-v1"):
-        fn.main(small_args(tmp_path))
+        fn.main(small_rl_args(fn, tmp_path))
     with pytest.raises(ValueError, match="sigma-min"):
-        fn.main(replace(small_args(tmp_path), sigma_min=0.3))
+        fn.main(replace(small_rl_args(fn, tmp_path), sigma_min=0.3))
     with pytest.raises(ValueError, match="does not split into 3"):
-        fn.main(replace(small_args(tmp_path), num_minibatches=3))
+        fn.main(replace(small_rl_args(fn, tmp_path), num_minibatches=3))

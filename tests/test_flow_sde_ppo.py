@@ -6,12 +6,12 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 import flow_sde_ppo as sde
 import vla
+from conftest import small_rl_args, tiny_policy, write_sft_checkpoint
 
 
 def test_sde_logp_equals_torch_normal():
@@ -70,18 +70,9 @@ def test_sde_keeps_ode_marginals_on_gaussian_target():
     assert abs(x_hyb.var().item() / x_ode.var().item() - 1) < 0.02
 
 
-def make_policy(tmp_path=None, action_dim=7, state_dim=42, seed=0):
-    torch.manual_seed(seed)
-    policy = vla.build("tiny", action_dim=action_dim, state_dim=state_dim)
-    norm = vla.Normalizer.from_data(np.random.randn(100, state_dim), np.random.rand(100, action_dim) * 2 - 1)
-    if tmp_path is not None:
-        vla.save_checkpoint(tmp_path / "sft", policy, norm, meta={"obs_mode": "state", "control_mode": "pd_ee_delta_pose"})
-    return policy, norm
-
-
 @pytest.mark.parametrize("ratio_level", ["chunk", "token"])
 def test_ratio_one_and_gradients_reach_only_trainable(ratio_level):
-    policy, norm = make_policy()
+    policy, norm = tiny_policy()
     policy.freeze_vlm()
     args = replace(sde.Args(), ratio_level=ratio_level, action_chunk=5)
     critic = sde.Critic(policy.spec["expert_hidden"])
@@ -147,15 +138,9 @@ def test_gae_matches_reference_loop_with_truncation():
     torch.testing.assert_close(ret, ref + values)
 
 
-def small_args(tmp_path, **kw):
-    return replace(sde.Args(), checkpoint=str(tmp_path / "sft"), output_dir=str(tmp_path / "run"), num_envs=2,
-                   num_steps=2, num_minibatches=2, update_epochs=2, total_iterations=2, eval_every=0,
-                   eval_episodes=2, num_eval_envs=2, max_episode_steps=10, save_every=1, **kw)
-
-
 def test_smoke_two_iterations_and_resume(tmp_path):
-    make_policy(tmp_path)
-    args = small_args(tmp_path)
+    write_sft_checkpoint(tmp_path)
+    args = small_rl_args(sde, tmp_path)
     sde.main(args)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "pg_loss" in r]
@@ -173,12 +158,12 @@ def test_smoke_two_iterations_and_resume(tmp_path):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no SFT checkpoint at .*nope.*sft_baseline.py"):
-        sde.main(replace(small_args(tmp_path), checkpoint=str(tmp_path / "nope")))
-    make_policy(tmp_path, action_dim=8)
+        sde.main(replace(small_rl_args(sde, tmp_path), checkpoint=str(tmp_path / "nope")))
+    write_sft_checkpoint(tmp_path, action_dim=8)
     with pytest.raises(ValueError, match="outputs 8-D actions but PickCube-v1 with pd_ee_delta_pose takes 7-D"):
-        sde.main(small_args(tmp_path))
-    make_policy(tmp_path)
+        sde.main(small_rl_args(sde, tmp_path))
+    write_sft_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="batch of 4 decisions .* does not split into 8"):
-        sde.main(replace(small_args(tmp_path), num_minibatches=8))
+        sde.main(replace(small_rl_args(sde, tmp_path), num_minibatches=8))
     with pytest.raises(ValueError, match="unknown --env-id"):
-        sde.main(replace(small_args(tmp_path), env_id="PickSphere"))
+        sde.main(replace(small_rl_args(sde, tmp_path), env_id="PickSphere"))

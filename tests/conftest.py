@@ -1,0 +1,32 @@
+"""Helpers shared by the RL script tests."""
+
+from dataclasses import fields, replace
+
+import numpy as np
+import torch
+
+import vla
+
+
+def tiny_policy(action_dim=7, state_dim=42, seed=0):
+    """A random tiny policy and a normaliser of plausible ManiSkill statistics."""
+    torch.manual_seed(seed)
+    policy = vla.build("tiny", action_dim=action_dim, state_dim=state_dim)
+    rng = np.random.default_rng(seed)
+    norm = vla.Normalizer.from_data(rng.normal(size=(100, state_dim)), rng.uniform(-1, 1, (100, action_dim)))
+    return policy, norm
+
+
+def write_sft_checkpoint(tmp_path, action_dim=7):
+    """What sft_baseline.py leaves for the RL scripts, without training: tmp_path/sft."""
+    policy, norm = tiny_policy(action_dim)
+    vla.save_checkpoint(tmp_path / "sft", policy, norm, meta={"obs_mode": "state", "control_mode": "pd_ee_delta_pose"})
+
+
+def small_rl_args(module, tmp_path, **kw):
+    """A seconds-long configuration of an RL script: 2 iterations of tiny rollouts, 2-episode evaluations."""
+    small = dict(checkpoint=str(tmp_path / "sft"), output_dir=str(tmp_path / "run"), num_envs=2, num_steps=2,
+                 group_size=2, num_minibatches=2, update_epochs=2, total_iterations=2, eval_every=0, eval_episodes=2,
+                 num_eval_envs=2, max_episode_steps=10, save_every=1, critic_warmup_iters=1)
+    names = {f.name for f in fields(module.Args)}
+    return replace(module.Args(), **{k: v for k, v in {**small, **kw}.items() if k in names})
