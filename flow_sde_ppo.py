@@ -615,9 +615,9 @@ def main(args: Args):
     logprobs = torch.zeros(T, N, C, A, device=device)
     values, rewards, dones, final_values = (torch.zeros(T, N, device=device) for _ in range(4))
 
-    def value_of(o):
-        prefix = policy.encode_prefix(normalizer.normalize("state", o["state"]), prompts[: len(o["state"])],
-                                      o["images"])
+    def value_of(o, rows):  # V of observations o of the envs in `rows` [N] bool
+        prefix = policy.encode_prefix(normalizer.normalize("state", o["state"]),
+                                      [p for p, r in zip(prompts, rows.tolist()) if r], o["images"])
         return critic(critic_features(policy, prefix, args))
 
     eval_metrics = run_eval(0) if args.eval_episodes > 0 and start_iter == 0 else {}  # the SFT policy
@@ -659,12 +659,12 @@ def main(args: Args):
             if truncated.any():  # bootstrap episodes cut by the time limit from their last observation
                 with torch.no_grad():
                     final_values[step][truncated] = value_of({k: None if v is None else v[truncated]
-                                                             for k, v in final.items()})
+                                                             for k, v in final.items()}, truncated)
         rollout_time = time.time() - t0
 
         # ---- advantages
         with torch.no_grad():
-            next_value = value_of(obs)
+            next_value = value_of(obs, torch.ones(N, dtype=torch.bool))
         advantages, returns = compute_gae(rewards, values, dones, final_values, next_value, args.gamma,
                                           args.gae_lambda)
 
