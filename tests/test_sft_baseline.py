@@ -212,3 +212,33 @@ def test_libero_envs_interface():
     envs.close()
     with pytest.raises(ValueError, match=r"--task-ids \[10\] out of range: libero_spatial has tasks 0..9"):
         sft.LiberoEnvs("libero_spatial", (10,), 1, 3, True, torch.device("cpu"))
+
+
+def test_rgb_mode_env_and_demo_reader(tmp_path, maniskill_demos):
+    """Camera observations: images into the image slots, robot qpos as the state (the GPU default)."""
+    envs = sft.ManiSkillEnvs("PickCube-v1", 1, "rgb", CTRL, max_steps=5, ignore_terminations=True,
+                             device=torch.device("cpu"))
+    obs = envs.reset(seed=0)
+    assert obs["images"].dtype == torch.uint8 and obs["images"].shape[:2] == (1, 1) and obs["images"].shape[-1] == 3
+    assert obs["state"].shape == (1, 9)  # panda qpos
+    envs.close()
+    import subprocess
+    import sys
+    raw = maniskill_demos.parent / "mp3.h5"
+    subprocess.run([sys.executable, "-m", "mani_skill.trajectory.replay_trajectory", "--traj-path", str(raw),
+                    "-b", "physx_cpu", "-o", "rgb", "-c", CTRL, "--save-traj", "--count", "1"],
+                   check=True, capture_output=True)
+    eps = sft.load_maniskill_demos(raw.with_name("mp3.rgb.pd_ee_delta_pose.physx_cpu.h5"), 1, CTRL)
+    T = len(eps[0]["actions"])
+    assert eps[0]["images"].shape[:2] == (T, 1) and eps[0]["images"].dtype == np.uint8
+    assert eps[0]["state"].shape == (T, 9)
+
+
+def test_evaluate_writes_video(tmp_path):
+    policy = vla.build("tiny", action_dim=7, state_dim=42, chunk_size=16)
+    norm = vla.Normalizer.from_data(np.random.randn(50, 42), np.random.rand(50, 7))
+    args = small_args(tmp_path)
+    envs = sft.make_envs(args, 1, ignore_terminations=True, device=torch.device("cpu"))
+    sft.evaluate(policy, norm, envs, args, 1, video_path=tmp_path / "v.mp4")
+    envs.close()
+    assert (tmp_path / "v.mp4").stat().st_size > 1000
