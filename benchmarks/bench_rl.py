@@ -23,15 +23,15 @@ LABELS = {"sde": "Flow-SDE PPO", "noise": "Flow-Noise PPO", "grpo": "GRPO (Flow-
 OUT = Path("runs/bench_rl")
 
 
-def raw_env_sps(num_envs: int, steps: int = 100) -> float:
-    """Env steps/s of the same training envs driven by a zero-cost policy (zero actions)."""
+def raw_env_sps(num_envs: int, steps: int = 200) -> float:
+    """Env steps/s of the same training envs driven by a zero-cost policy (uniform random actions)."""
     args = replace(flow_sde_ppo.Args(), obs_mode="state", control_mode="pd_ee_delta_pose")
     envs = flow_sde_ppo.make_envs(args, num_envs, ignore_terminations=False, device=torch.device("cpu"))
     envs.reset(seed=0)
-    zero = torch.zeros(num_envs, envs.action_dim)
+    actions = torch.rand(steps, num_envs, envs.action_dim) * 2 - 1
     t0 = time.time()
-    for _ in range(steps):
-        envs.step(zero)
+    for a in actions:
+        envs.step(a)
     envs.close()
     return num_envs * steps / (time.time() - t0)
 
