@@ -370,12 +370,13 @@ def sample_chunk(policy, prefix, args, action_dim: int, generator=None):
     k_star = torch.randint(0, K, (N,), device=dev, generator=generator)  # [N]
     x_before, x_after = torch.empty_like(x), torch.empty_like(x)  # [N, H, D]
     logp = torch.empty(N, args.action_chunk, action_dim, device=dev)  # [N, C, A]
+    xi = torch.randn(x.shape, device=dev, generator=generator)  # [N, H, D]: each sample's one SDE step draws once
     for k in range(K):
         t = torch.full((N,), 1.0 - k / K, device=dev)
         v, _ = policy.velocity(prefix, x, t)
         sde = k_star == k
         mean, std = sde_mean_std(x, v, t, K, args.noise_level)
-        noisy = mean + std * torch.randn(x.shape, device=dev, generator=generator)
+        noisy = mean + std * xi
         x_next = torch.where(sde[:, None, None], noisy, x - v / K)
         x_before[sde], x_after[sde] = x[sde], x_next[sde]
         logp[sde] = gaussian_logp(x_next, mean, std, args.action_chunk, action_dim)[sde]
@@ -602,7 +603,7 @@ def main(args: Args):
         return m
 
     # ---- rollout storage: one row per decision point (action chunk)
-    T, N, C, K = args.num_steps, args.num_envs, args.action_chunk, args.denoise_steps
+    T, N, C = args.num_steps, args.num_envs, args.action_chunk
     H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
     prompts = getattr(envs, "prompts", [envs.prompt] * N)
     obs = envs.reset(seed=args.seed * 1_000_003 + start_iter)  # training seeds never overlap eval seeds
