@@ -9,6 +9,7 @@ and only that step is recomputed in the update. No value function.
 
     python flow_grpo.py                                        # PickCube, state obs, tiny policy, CPU
     python flow_grpo.py --env-id PickCube --num-envs 320       # on a GPU (physx_cuda)
+    torchrun --nproc-per-node 8 flow_grpo.py --num-envs 320    # 8 GPUs, 40 envs (5 groups) each
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 from tqdm import tqdm
@@ -50,7 +52,8 @@ class Args:
     max_episode_steps: int = 80
     """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
     num_envs: int = 16
-    """parallel training environments: num_envs / group_size groups per iteration"""
+    """parallel training environments in all: num_envs / group_size groups per iteration; under torchrun each
+    rank runs num_envs / world size of them (whole groups)"""
     group_size: int = 8
     """G: environments per group, all starting from the same initial state"""
     filter_groups: bool = False
@@ -70,7 +73,15 @@ class Args:
     update_epochs: int = 2
     """policy epochs per iteration (2-4)"""
     num_minibatches: int = 4
-    """minibatches per epoch"""
+    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged)"""
+    micro_batch_size: int | None = None
+    """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
+    for time, e.g. 32 for pi0 at 320 envs on one 80 GB GPU (default: the whole minibatch at once)"""
+    grad_checkpointing: bool = False
+    """recompute the expert's layer activations in the backward pass instead of storing them (memory for time)"""
+    vlm_dtype: str = "auto"
+    """dtype of the frozen VLM: "bfloat16" halves its weights and prefix cache, the expert and the log-probs stay
+    float32; "auto": bfloat16 on a GPU, float32 on CPU (where bfloat16 matmuls are slow)"""
     clip_coef: float = 0.2
     """PPO ratio clip"""
     kl_coef: float = 0.0
@@ -87,7 +98,7 @@ class Args:
     eval_episodes: int = 100
     """evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation"""
     num_eval_envs: int = 10
-    """parallel evaluation environments"""
+    """parallel evaluation environments (per rank)"""
     eval_seed: int = 10_000
     """first seed of the evaluation episodes"""
     save_every: int = 10
@@ -161,7 +172,9 @@ class ManiSkillEnvs:
         self.device, self.num_envs, self.gpu = device, num_envs, device.type == "cuda"
         if self.gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
-            env = gym.make(env_id, num_envs=num_envs, sim_backend="physx_cuda", **kw)
+            if device.index is not None:  # this rank's GPU under torchrun
+                kw.update(sim_backend=f"physx_cuda:{device.index}", render_backend=f"sapien_cuda:{device.index}")
+            env = gym.make(env_id, num_envs=num_envs, **{"sim_backend": "physx_cuda", **kw})
             self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=True, ignore_terminations=ignore_terminations,
                                           record_metrics=True)
         else:
@@ -425,15 +438,18 @@ def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, 
     return normalizer.unnormalize("actions", x[..., :action_dim])
 
 
-def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None) -> dict:
+def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank=0, world=1) -> dict:
     """Fixed-seed episodes run to the time limit (terminations ignored), executing the first C actions of each
-    chunk. -> mean success_once, success_at_end, return, episode_len."""
+    chunk. Round r (envs.num_envs episodes: seeds eval_seed + r * num_envs + i, sampling noise seeded with r) runs
+    on rank r % world, so the episodes do not depend on the number of ranks.
+    -> mean success_once, success_at_end, return, episode_len over all ranks' episodes."""
     policy.eval()
-    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(args.eval_seed)
     prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
     results, frames = {}, []
-    for r in range(math.ceil(num_episodes / envs.num_envs)):
+    for r in range(rank, math.ceil(num_episodes / envs.num_envs), world):
+        gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(args.eval_seed + r)
         obs = envs.reset(seed=args.eval_seed + r * envs.num_envs)
+        keep = min(envs.num_envs, num_episodes - r * envs.num_envs)  # the last round may be partly surplus
         finished = False
         while not finished:
             chunk = sample_actions(policy, normalizer, obs, prompts, args.denoise_steps, envs.action_dim, gen)
@@ -443,14 +459,14 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None) -> d
                     frames.append(envs.render())
                 if info["episode"]:  # all envs reach the time limit together
                     for k, v in info["episode"].items():
-                        results.setdefault(k, []).append(v.float().cpu())
+                        results.setdefault(k, []).append(v[:keep].float().cpu())
                     finished = True
                     break
     if frames:
         import imageio
         Path(video_path).parent.mkdir(parents=True, exist_ok=True)
         imageio.mimsave(video_path, frames, fps=20)
-    return {k: torch.cat(v)[:num_episodes].mean().item() for k, v in results.items()}
+    return episode_means(results)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
@@ -466,6 +482,78 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
             _, i, k = key.split(".", 2)
             state.setdefault(int(i), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ================================================================================================ distributed
+# `torchrun --nproc-per-node N flow_grpo.py` starts N copies of this script. Each rank owns one GPU (or one CPU
+# process with the gloo backend), num_envs / N envs and its own seeds; after every backward the ranks average their
+# gradients, so their parameters stay identical. Metrics are reduced over ranks; only rank 0 logs and saves.
+def init_distributed() -> tuple[int, int, torch.device]:
+    """-> rank, world size, device. A plain `python` run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """x combined over ranks (a new tensor on x's device); x itself with one rank."""
+    if not distributed():
+        return x
+    y = x.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y, op=op)
+    return y.to(x.device)
+
+
+def broadcast_parameters(params: list[torch.Tensor]):
+    """Rank 0's values on every rank (random initialisations differ between ranks)."""
+    if distributed():
+        for p in params:
+            buf = p.data.to("cpu") if dist.get_backend() == "gloo" else p.data
+            dist.broadcast(buf, 0)
+            p.data.copy_(buf)
+
+
+def average_gradients(params: list[torch.Tensor]):
+    """What DDP does after backward, written out because the policy is called through encode_prefix / velocity,
+    not through the forward() that DDP wraps: all gradients in one flat buffer, summed over ranks, / world size."""
+    if not distributed():
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = all_reduce(flat) / dist.get_world_size()  # [trainable parameters]
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+EPISODE_KEYS = ("success_once", "success_at_end", "return", "episode_len")
+
+
+def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean of each episode metric over every rank's finished episodes (sums and counts are all-reduced)."""
+    sums = torch.zeros(len(EPISODE_KEYS), 2, dtype=torch.float64)  # [metric, (sum, count)]
+    for i, k in enumerate(EPISODE_KEYS):
+        if episodes.get(k):
+            v = torch.cat(episodes[k]).double()
+            sums[i] = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64)])
+    sums = all_reduce(sums)
+    return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
+
+
+def mean_over_ranks(row: dict[str, float]) -> dict[str, float]:
+    """Every value averaged over ranks (all ranks hold the same keys)."""
+    if not distributed():
+        return row
+    keys = sorted(row)
+    values = all_reduce(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)) / dist.get_world_size()
+    return dict(zip(keys, values.tolist()))
 
 
 # ================================================================================================ main
@@ -487,17 +575,25 @@ def load_policy(args, env_id, resume_dir: Path):
 
 
 def main(args: Args):
+    """Train; -> the last evaluation's metrics and the policy."""
     kind, env_id = resolve_env_id(args.env_id)
     if args.ratio_level not in ("chunk", "token"):
         raise ValueError("--ratio-level must be chunk or token")
-    if args.group_size < 2 or args.num_envs % args.group_size:
-        raise ValueError(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size} (>= 2): "
-                         "every group needs G members starting from the same state")
-    if kind == "libero" and args.num_envs % (args.group_size * len(args.task_ids)):
+    if args.vlm_dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"--vlm-dtype {args.vlm_dtype!r}: choose auto, bfloat16 or float32")
+    rank, world, device = init_distributed()
+    is_main = rank == 0
+    N = args.num_envs // world  # this rank's envs, whole groups
+    if args.group_size < 2 or args.num_envs % (args.group_size * world):
+        raise ValueError(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size} (>= 2)"
+                         + (f" x {world} ranks" if world > 1 else "") + ": every group needs G members starting from "
+                         "the same state, on one rank")
+    if kind == "libero" and N % (args.group_size * len(args.task_ids)):
         raise ValueError(f"--num-envs {args.num_envs} must be a multiple of group_size x number of task ids "
-                         f"({args.group_size} x {len(args.task_ids)}) so that every group shares one task")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+                         f"({args.group_size} x {len(args.task_ids)}) per rank so that every group shares one task")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must be at least 1")
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     run_dir = Path(args.output_dir or f"runs/flow_grpo/{env_id}_{args.seed}")
     ckpt_dir = run_dir / "checkpoint"
 
@@ -506,36 +602,43 @@ def main(args: Args):
     if args.action_chunk > policy.spec["chunk_size"]:
         raise ValueError(f"--action-chunk {args.action_chunk} exceeds the policy's chunk size {policy.spec['chunk_size']}")
     dense = kind == "maniskill" and args.reward_mode != "sparse"
-    envs = make_envs(args, args.num_envs, ignore_terminations=dense, device=device)
+    envs = make_envs(args, N, ignore_terminations=dense, device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
     A = envs.action_dim
     if policy.config.action_dim != A:
         raise ValueError(f"{source} outputs {policy.config.action_dim}-D actions but {env_id} with "
                          f"{args.control_mode} takes {A}-D: use a checkpoint trained for this env and control mode")
-    policy.to(device).freeze_vlm()
+    vlm_dtype = torch.bfloat16 if args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda") else None
+    policy.to(device).freeze_vlm(dtype=vlm_dtype).expert_checkpointing(args.grad_checkpointing)
     ref_policy = None
     if args.kl_coef > 0:  # the starting policy, frozen
         ref_policy = vla.load_checkpoint(meta.get("sft_checkpoint", source) if args.resume else source)[0]
-        ref_policy.to(device).eval().requires_grad_(False)
+        ref_policy.to(device).freeze_vlm(dtype=vlm_dtype).eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start_iter, global_step, train_time = 0, 0, 0.0
     if args.resume:
         load_optimizer(opt, extra, meta["optimizer"])
         start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
+    params = policy.trainable_parameters()
+    broadcast_parameters(params)
 
-    if args.track:
+    if args.track and is_main:
         import wandb
         wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
 
     def log(row: dict):
+        if not is_main:
+            return
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         if args.track:
             wandb.log(row, step=row["global_step"])
 
     def save(iteration):
+        if not is_main:
+            return
         opt_tensors, groups = optimizer_tensors(opt)
         vla.save_checkpoint(ckpt_dir, policy, normalizer, opt_tensors, {
             "iteration": iteration, "global_step": global_step, "train_time": train_time, "optimizer": groups,
@@ -545,15 +648,16 @@ def main(args: Args):
 
     def run_eval(iteration):
         video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video else None
-        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video)
+        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video if is_main else None, rank, world)
         log({"iteration": iteration, "global_step": global_step, "train_time": train_time,
              **{f"eval/{k}": v for k, v in m.items()}})
-        tqdm.write(f"iter {iteration} step {global_step}: eval success_once {m['success_once']:.3f} "
+        if is_main:
+            tqdm.write(f"iter {iteration} step {global_step}: eval success_once {m['success_once']:.3f} "
                    f"success_at_end {m['success_at_end']:.3f}")
         return m
 
     # ---- rollout storage: one row per (decision point, env); an episode lasts at most T decisions
-    N, C, G = args.num_envs, args.action_chunk, args.group_size
+    C, G = args.action_chunk, args.group_size
     max_steps = LIBERO_MAX_STEPS[env_id] if kind == "libero" else args.max_episode_steps
     T = math.ceil(max_steps / C)
     H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
@@ -566,12 +670,14 @@ def main(args: Args):
     valid = torch.zeros(T, N, dtype=torch.bool, device=device)  # the decision belongs to the group episode
 
     eval_metrics = run_eval(0) if args.eval_episodes > 0 and start_iter == 0 else {}  # the SFT policy
-    bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations, desc="grpo")
+    bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations, desc="grpo",
+               disable=not is_main)
     for iteration in bar:
         # ---- rollout: every group member from the same seed, each episode to its end, no auto-reset credit
         policy.eval()
         t0 = time.time()
-        base = args.seed * 1_000_003 + iteration * (N // G)  # training seeds never overlap eval seeds
+        # one seed per group; training seeds never overlap the eval seeds (from 10_000) nor another rank's
+        base = args.seed * 1_000_003 + (iteration * world + rank) * (N // G)
         obs = envs.reset(seed=[base + i // G for i in range(N)])
         if obs_state is None:
             obs_state = torch.zeros(T, N, obs["state"].shape[1], device=device)  # [T, N, state_dim]
@@ -599,7 +705,7 @@ def main(args: Args):
                 success |= info["success"] & alive
                 episode_len += alive.float()
                 alive &= ~(term | trunc)
-            global_step += N * C
+            global_step += N * C * world
         rollout_time = time.time() - t0
 
         # ---- group advantages, broadcast to every decision of the episode
@@ -607,40 +713,60 @@ def main(args: Args):
         rows = valid & keep[None, :]  # [T, N]
         t1 = time.time()
         stats = {}
-        if rows.sum() >= args.num_minibatches:
+        # Every rank takes the same number of optimiser steps: a rank whose kept decisions run out contributes zero
+        # gradients; a minibatch empty on every rank is skipped.
+        if all_reduce(rows.sum()).item() >= args.num_minibatches:
             policy.train()
             b_state, b_xb, b_xa, b_k, b_logp = (x[rows] for x in (obs_state, x_before, x_after, k_stars, logprobs))
             b_images = obs_images[rows] if obs_images is not None else None
             b_adv = adv[None, :].expand(T, N)[rows]
             b_env = torch.arange(N, device=device)[None, :].expand(T, N)[rows]
             M = len(b_adv)
+            micro_size = args.micro_batch_size or max(M, 1)
             for epoch in range(args.update_epochs):
                 perm = torch.randperm(M, device=device)
-                for mb in perm.chunk(args.num_minibatches):
-                    loss, mb_stats = grpo_loss(policy, ref_policy, normalizer, args, A, state=b_state[mb],
-                                               images=b_images[mb] if b_images is not None else None,
-                                               prompts=[prompts[i] for i in b_env[mb].tolist()],
-                                               x_before=b_xb[mb], x_after=b_xa[mb], k_star=b_k[mb],
-                                               old_logp=b_logp[mb], adv=b_adv[mb])
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}; the last good "
-                                                 f"checkpoint is in {ckpt_dir}")
+                for j in range(args.num_minibatches):
+                    mb = perm[j * M // args.num_minibatches:(j + 1) * M // args.num_minibatches]
+                    if all_reduce(torch.tensor(len(mb))).item() == 0:
+                        continue
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = nn.utils.clip_grad_norm_(policy.trainable_parameters(), args.max_grad_norm)
+                    for micro in mb.split(micro_size):  # gradient accumulation over micro-batches
+                        loss, mb_stats = grpo_loss(policy, ref_policy, normalizer, args, A, state=b_state[micro],
+                                                   images=b_images[micro] if b_images is not None else None,
+                                                   prompts=[prompts[i] for i in b_env[micro].tolist()],
+                                                   x_before=b_xb[micro], x_after=b_xa[micro], k_star=b_k[micro],
+                                                   old_logp=b_logp[micro], adv=b_adv[micro])
+                        (loss * len(micro) / len(mb)).backward()
+                        for k, v in mb_stats.items():
+                            stats.setdefault(k, []).append(v)
+                    average_gradients(params)
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    if not torch.isfinite(grad_norm):  # the same on every rank: gradients were averaged
+                        raise FloatingPointError(f"non-finite loss or gradient at iteration {iteration}; the last "
+                                                 f"good checkpoint is in {ckpt_dir}")
                     opt.step()
-                    for k, v in {**mb_stats, "grad_norm": grad_norm.item()}.items():
-                        stats.setdefault(k, []).append(v)
-                if args.target_kl is not None and np.mean(stats["approx_kl"][-args.num_minibatches:]) > args.target_kl:
+                    stats.setdefault("grad_norm", []).append(grad_norm.item())
+                recent = stats.get("approx_kl", [])[-args.num_minibatches * math.ceil(max(M, 1) / micro_size):]
+                kl = all_reduce(torch.tensor([float(np.sum(recent)), float(len(recent))], dtype=torch.float64))
+                if args.target_kl is not None and kl[0] / max(kl[1], 1) > args.target_kl:  # same on every rank
                     break
         update_time = time.time() - t1
-        train_time += rollout_time + update_time
+        train_time += all_reduce(torch.tensor(rollout_time + update_time)).item() / world  # same on every rank
 
-        row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time,
-               "rollout_sps": N * C * int(valid.any(1).sum()) / rollout_time, "rollout_time": rollout_time,
-               "update_time": update_time, "decisions": int(rows.sum()), "groups_kept": int(keep.sum()) // G,
-               "train/success_once": success.float().mean().item(), "train/return": returns.mean().item(),
-               "train/episode_len": episode_len.mean().item(), **{k: float(np.mean(v)) for k, v in stats.items()}}
+        # Every env runs one episode per iteration, so means over ranks are means over all episodes.
+        row = mean_over_ranks({
+            "rollout_sps": N * C * int(valid.any(1).sum()) / rollout_time * world,  # averaged: the total
+            "rollout_time": rollout_time, "update_time": update_time,
+            "decisions": int(rows.sum()) * world, "groups_kept": int(keep.sum()) // G * world,  # averaged: totals
+            "train/success_once": success.float().mean().item(), "train/return": returns.mean().item(),
+            "train/episode_len": episode_len.mean().item()})
+        # losses: mean over the ranks' minibatches (a rank without kept decisions has none)
+        for k in ("pg_loss", "kl_ref", "ratio_mean", "approx_kl", "clipfrac", "grad_norm"):
+            s = all_reduce(torch.tensor([float(np.sum(stats.get(k, []))), float(len(stats.get(k, [])))],
+                                        dtype=torch.float64))
+            if s[1] > 0:
+                row[k] = (s[0] / s[1]).item()
+        row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time, **row}
         log(row)
         bar.set_postfix(success=f"{row['train/success_once']:.2f}")
         done = iteration + 1 == args.total_iterations or (args.time_budget_min is not None
@@ -652,7 +778,11 @@ def main(args: Args):
         if done:
             break
     envs.close(), eval_envs.close()
-    return eval_metrics
+    if is_main:
+        metrics_file.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return eval_metrics, policy
 
 
 if __name__ == "__main__":

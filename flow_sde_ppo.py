@@ -9,6 +9,7 @@ ODE step x - D v. The PPO update recomputes only that one step under the current
 
     python flow_sde_ppo.py                                   # PickCube, state obs, tiny policy, CPU
     python flow_sde_ppo.py --env-id PickCube --num-envs 320  # on a GPU (physx_cuda)
+    torchrun --nproc-per-node 8 flow_sde_ppo.py --num-envs 320   # 8 GPUs, 40 envs each
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -51,7 +53,8 @@ class Args:
     max_episode_steps: int = 80
     """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
     num_envs: int = 16
-    """parallel training environments (the paper uses 320 on a GPU)"""
+    """parallel training environments in all (the paper uses 320 on a GPU); under torchrun each rank runs
+    num_envs / world size of them"""
     num_steps: int = 10
     """decision points (action chunks) per environment per iteration (10 x 8 actions = one 80-step episode)"""
     total_iterations: int = 200
@@ -77,7 +80,15 @@ class Args:
     update_epochs: int = 4
     """PPO epochs per iteration"""
     num_minibatches: int = 4
-    """minibatches per epoch"""
+    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged)"""
+    micro_batch_size: int | None = None
+    """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
+    for time, e.g. 32 for pi0 at 320 envs on one 80 GB GPU (default: the whole minibatch at once)"""
+    grad_checkpointing: bool = False
+    """recompute the expert's layer activations in the backward pass instead of storing them (memory for time)"""
+    vlm_dtype: str = "auto"
+    """dtype of the frozen VLM: "bfloat16" halves its weights and prefix cache, the expert and the log-probs stay
+    float32; "auto": bfloat16 on a GPU, float32 on CPU (where bfloat16 matmuls are slow)"""
     clip_coef: float = 0.2
     """PPO ratio clip"""
     value_clip: float = 0.2
@@ -102,7 +113,7 @@ class Args:
     eval_episodes: int = 100
     """evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation"""
     num_eval_envs: int = 10
-    """parallel evaluation environments"""
+    """parallel evaluation environments (per rank)"""
     eval_seed: int = 10_000
     """first seed of the evaluation episodes"""
     save_every: int = 10
@@ -176,7 +187,9 @@ class ManiSkillEnvs:
         self.device, self.num_envs, self.gpu = device, num_envs, device.type == "cuda"
         if self.gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
-            env = gym.make(env_id, num_envs=num_envs, sim_backend="physx_cuda", **kw)
+            if device.index is not None:  # this rank's GPU under torchrun
+                kw.update(sim_backend=f"physx_cuda:{device.index}", render_backend=f"sapien_cuda:{device.index}")
+            env = gym.make(env_id, num_envs=num_envs, **{"sim_backend": "physx_cuda", **kw})
             self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=True, ignore_terminations=ignore_terminations,
                                           record_metrics=True)
         else:
@@ -474,15 +487,18 @@ def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, 
     return normalizer.unnormalize("actions", x[..., :action_dim])
 
 
-def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None) -> dict:
+def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank=0, world=1) -> dict:
     """Fixed-seed episodes run to the time limit (terminations ignored), executing the first C actions of each
-    chunk. -> mean success_once, success_at_end, return, episode_len."""
+    chunk. Round r (envs.num_envs episodes: seeds eval_seed + r * num_envs + i, sampling noise seeded with r) runs
+    on rank r % world, so the episodes do not depend on the number of ranks.
+    -> mean success_once, success_at_end, return, episode_len over all ranks' episodes."""
     policy.eval()
-    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(args.eval_seed)
     prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
     results, frames = {}, []
-    for r in range(math.ceil(num_episodes / envs.num_envs)):
+    for r in range(rank, math.ceil(num_episodes / envs.num_envs), world):
+        gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(args.eval_seed + r)
         obs = envs.reset(seed=args.eval_seed + r * envs.num_envs)
+        keep = min(envs.num_envs, num_episodes - r * envs.num_envs)  # the last round may be partly surplus
         finished = False
         while not finished:
             chunk = sample_actions(policy, normalizer, obs, prompts, args.denoise_steps, envs.action_dim, gen)
@@ -492,14 +508,14 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None) -> d
                     frames.append(envs.render())
                 if info["episode"]:  # all envs reach the time limit together
                     for k, v in info["episode"].items():
-                        results.setdefault(k, []).append(v.float().cpu())
+                        results.setdefault(k, []).append(v[:keep].float().cpu())
                     finished = True
                     break
     if frames:
         import imageio
         Path(video_path).parent.mkdir(parents=True, exist_ok=True)
         imageio.mimsave(video_path, frames, fps=20)
-    return {k: torch.cat(v)[:num_episodes].mean().item() for k, v in results.items()}
+    return episode_means(results)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
@@ -515,6 +531,78 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
             _, i, k = key.split(".", 2)
             state.setdefault(int(i), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ================================================================================================ distributed
+# `torchrun --nproc-per-node N flow_sde_ppo.py` starts N copies of this script. Each rank owns one GPU (or one CPU
+# process with the gloo backend), num_envs / N envs and its own seeds; after every backward the ranks average their
+# gradients, so their parameters stay identical. Metrics are reduced over ranks; only rank 0 logs and saves.
+def init_distributed() -> tuple[int, int, torch.device]:
+    """-> rank, world size, device. A plain `python` run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """x combined over ranks (a new tensor on x's device); x itself with one rank."""
+    if not distributed():
+        return x
+    y = x.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y, op=op)
+    return y.to(x.device)
+
+
+def broadcast_parameters(params: list[torch.Tensor]):
+    """Rank 0's values on every rank (random initialisations differ between ranks)."""
+    if distributed():
+        for p in params:
+            buf = p.data.to("cpu") if dist.get_backend() == "gloo" else p.data
+            dist.broadcast(buf, 0)
+            p.data.copy_(buf)
+
+
+def average_gradients(params: list[torch.Tensor]):
+    """What DDP does after backward, written out because the policy is called through encode_prefix / velocity,
+    not through the forward() that DDP wraps: all gradients in one flat buffer, summed over ranks, / world size."""
+    if not distributed():
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = all_reduce(flat) / dist.get_world_size()  # [trainable parameters]
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+EPISODE_KEYS = ("success_once", "success_at_end", "return", "episode_len")
+
+
+def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean of each episode metric over every rank's finished episodes (sums and counts are all-reduced)."""
+    sums = torch.zeros(len(EPISODE_KEYS), 2, dtype=torch.float64)  # [metric, (sum, count)]
+    for i, k in enumerate(EPISODE_KEYS):
+        if episodes.get(k):
+            v = torch.cat(episodes[k]).double()
+            sums[i] = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64)])
+    sums = all_reduce(sums)
+    return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
+
+
+def mean_over_ranks(row: dict[str, float]) -> dict[str, float]:
+    """Every value averaged over ranks (all ranks hold the same keys)."""
+    if not distributed():
+        return row
+    keys = sorted(row)
+    values = all_reduce(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)) / dist.get_world_size()
+    return dict(zip(keys, values.tolist()))
 
 
 # ================================================================================================ main
@@ -536,16 +624,26 @@ def load_policy(args, env_id, resume_dir: Path):
 
 
 def main(args: Args):
+    """Train; -> the last evaluation's metrics, the policy and the critic."""
     kind, env_id = resolve_env_id(args.env_id)
     if args.ratio_level not in ("chunk", "token") or args.critic_input not in ("expert", "vlm"):
         raise ValueError("--ratio-level must be chunk|token and --critic-input expert|vlm")
-    batch_size = args.num_envs * args.num_steps
+    if args.vlm_dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"--vlm-dtype {args.vlm_dtype!r}: choose auto, bfloat16 or float32")
+    rank, world, device = init_distributed()
+    is_main = rank == 0
+    if args.num_envs % world:
+        raise ValueError(f"--num-envs {args.num_envs} does not split over {world} ranks: use a multiple of {world}")
+    N = args.num_envs // world  # this rank's envs
+    batch_size = N * args.num_steps
     if args.num_minibatches < 1 or batch_size % args.num_minibatches:
-        raise ValueError(f"the batch of {batch_size} decisions (num_envs {args.num_envs} x num_steps "
+        raise ValueError(f"the batch of {batch_size} decisions (per rank: num_envs {N} x num_steps "
                          f"{args.num_steps}) does not split into {args.num_minibatches} equal minibatches")
     minibatch_size = batch_size // args.num_minibatches
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must be at least 1")
+    micro_size = min(args.micro_batch_size or minibatch_size, minibatch_size)
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     run_dir = Path(args.output_dir or f"runs/flow_sde_ppo/{env_id}_{args.seed}")
     ckpt_dir = run_dir / "checkpoint"
 
@@ -554,13 +652,14 @@ def main(args: Args):
     if args.action_chunk > policy.spec["chunk_size"]:
         raise ValueError(f"--action-chunk {args.action_chunk} exceeds the policy's chunk size {policy.spec['chunk_size']}")
     dense = kind == "maniskill" and args.reward_mode != "sparse"
-    envs = make_envs(args, args.num_envs, ignore_terminations=dense, device=device)
+    envs = make_envs(args, N, ignore_terminations=dense, device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
     A = envs.action_dim
     if policy.config.action_dim != A:
         raise ValueError(f"{source} outputs {policy.config.action_dim}-D actions but {env_id} with "
                          f"{args.control_mode} takes {A}-D: use a checkpoint trained for this env and control mode")
-    policy.to(device).freeze_vlm()
+    vlm_dtype = torch.bfloat16 if args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda") else None
+    policy.to(device).freeze_vlm(dtype=vlm_dtype).expert_checkpointing(args.grad_checkpointing)
     feat_dim = policy.spec["text_hidden"] if args.critic_input == "vlm" else policy.spec["expert_hidden"]
     critic = Critic(feat_dim).to(device)
     opt = torch.optim.AdamW([{"params": policy.trainable_parameters(), "lr": args.lr},
@@ -571,20 +670,26 @@ def main(args: Args):
         critic.load_state_dict({k[len("critic."):]: v for k, v in extra.items() if k.startswith("critic.")})
         load_optimizer(opt, extra, meta["optimizer"])
         start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
+    broadcast_parameters(policy.trainable_parameters() + list(critic.parameters()))
+    params = policy.trainable_parameters() + list(critic.parameters())
 
-    if args.track:
+    if args.track and is_main:
         import wandb
         wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
 
     def log(row: dict):
+        if not is_main:
+            return
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         if args.track:
             wandb.log(row, step=row["global_step"])
 
     def save(iteration):
+        if not is_main:
+            return
         opt_tensors, groups = optimizer_tensors(opt)
         extra = {**{f"critic.{k}": v for k, v in critic.state_dict().items()}, **opt_tensors}
         vla.save_checkpoint(ckpt_dir, policy, normalizer, extra, {
@@ -595,18 +700,20 @@ def main(args: Args):
 
     def run_eval(iteration):
         video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video else None
-        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video)
+        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video if is_main else None, rank, world)
         log({"iteration": iteration, "global_step": global_step, "train_time": train_time,
              **{f"eval/{k}": v for k, v in m.items()}})
-        tqdm.write(f"iter {iteration} step {global_step}: eval success_once {m['success_once']:.3f} "
+        if is_main:
+            tqdm.write(f"iter {iteration} step {global_step}: eval success_once {m['success_once']:.3f} "
                    f"success_at_end {m['success_at_end']:.3f}")
         return m
 
     # ---- rollout storage: one row per decision point (action chunk)
-    T, N, C = args.num_steps, args.num_envs, args.action_chunk
+    T, C = args.num_steps, args.action_chunk
     H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
     prompts = getattr(envs, "prompts", [envs.prompt] * N)
-    obs = envs.reset(seed=args.seed * 1_000_003 + start_iter)  # training seeds never overlap eval seeds
+    # Training seeds never overlap the eval seeds (from 10_000) nor another rank's.
+    obs = envs.reset(seed=args.seed * 1_000_003 + rank * 100_003 + start_iter)
     images_on = obs["images"] is not None
     obs_state = torch.zeros(T, N, obs["state"].shape[1], device=device)  # [T, N, state_dim]
     obs_images = torch.zeros(T, N, *obs["images"].shape[1:], dtype=torch.uint8, device=device) if images_on else None
@@ -622,7 +729,8 @@ def main(args: Args):
         return critic(critic_features(policy, prefix, args))
 
     eval_metrics = run_eval(0) if args.eval_episodes > 0 and start_iter == 0 else {}  # the SFT policy
-    bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations, desc="ppo")
+    bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations, desc="ppo",
+               disable=not is_main)
     for iteration in bar:
         # ---- rollout
         policy.eval()
@@ -654,7 +762,7 @@ def main(args: Args):
                 for k, v in info["episode"].items():
                     episodes.setdefault(k, []).append(v[term | trunc].float().cpu())
                 alive &= ~ended
-            global_step += N * C
+            global_step += N * C * world
             rewards[step], dones[step] = reward, (~alive).float()
             final_values[step] = 0.0
             if truncated.any():  # bootstrap episodes cut by the time limit from their last observation
@@ -677,38 +785,48 @@ def main(args: Args):
         b_state, b_xb, b_xa, b_k = b(obs_state), b(x_before), b(x_after), b(k_stars)
         b_images = b(obs_images) if images_on else None
         b_logp, b_adv, b_ret, b_val = b(logprobs), b(advantages), b(returns), b(values)
-        b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
+        # advantages normalised over all ranks' decisions: sum, sum of squares, count
+        s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), torch.tensor(float(b_adv.numel()))])
+                              .double()).tolist()
+        b_adv = (b_adv - s / n) / (math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)) + 1e-8)
         stats = {}
         for epoch in range(args.update_epochs):
             perm = torch.randperm(T * N, device=device)
             for start in range(0, T * N, minibatch_size):
                 mb = perm[start:start + minibatch_size]
-                loss, mb_stats = ppo_loss(policy, critic, normalizer, args, A, state=b_state[mb],
-                                          images=b_images[mb] if images_on else None,
-                                          prompts=[prompts[i % N] for i in mb.tolist()],  # row i is env i % N
-                                          x_before=b_xb[mb], x_after=b_xa[mb], k_star=b_k[mb], old_logp=b_logp[mb],
-                                          adv=b_adv[mb], ret=b_ret[mb], old_value=b_val[mb])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}; the last good "
-                                             f"checkpoint is in {ckpt_dir}")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(policy.trainable_parameters() + list(critic.parameters()),
-                                                     args.max_grad_norm)
+                for micro in mb.split(micro_size):  # gradient accumulation over micro-batches
+                    loss, mb_stats = ppo_loss(policy, critic, normalizer, args, A, state=b_state[micro],
+                                              images=b_images[micro] if images_on else None,
+                                              prompts=[prompts[i % N] for i in micro.tolist()],  # row i: env i % N
+                                              x_before=b_xb[micro], x_after=b_xa[micro], k_star=b_k[micro],
+                                              old_logp=b_logp[micro], adv=b_adv[micro], ret=b_ret[micro],
+                                              old_value=b_val[micro])
+                    (loss * len(micro) / len(mb)).backward()
+                    for k, v in mb_stats.items():
+                        stats.setdefault(k, []).append(v)
+                average_gradients(params)
+                grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                if not torch.isfinite(grad_norm):  # the same on every rank: gradients were averaged
+                    raise FloatingPointError(f"non-finite loss or gradient at iteration {iteration}; the last good "
+                                             f"checkpoint is in {ckpt_dir}")
                 opt.step()
-                for k, v in {**mb_stats, "grad_norm": grad_norm.item()}.items():
-                    stats.setdefault(k, []).append(v)
-            if args.target_kl is not None and np.mean(stats["approx_kl"][-args.num_minibatches:]) > args.target_kl:
+                stats.setdefault("grad_norm", []).append(grad_norm.item())
+            n_recent = args.num_minibatches * math.ceil(minibatch_size / micro_size)
+            kl = all_reduce(torch.tensor(float(np.mean(stats["approx_kl"][-n_recent:])))).item() / world
+            if args.target_kl is not None and kl > args.target_kl:  # every rank takes the same decision
                 break
         update_time = time.time() - t1
-        train_time += rollout_time + update_time
+        train_time += all_reduce(torch.tensor(rollout_time + update_time)).item() / world  # same on every rank
 
         var_y = b_ret.var()
-        row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time,
-               "rollout_sps": N * C * T / rollout_time, "rollout_time": rollout_time, "update_time": update_time,
-               "explained_variance": (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan"),
-               **{k: float(np.mean(v)) for k, v in stats.items()},
-               **{f"train/{k}": torch.cat(v).mean().item() for k, v in episodes.items() if torch.cat(v).numel()}}
+        row = mean_over_ranks({
+            "rollout_sps": N * C * T / rollout_time * world,  # averaged over ranks: the total
+            "rollout_time": rollout_time, "update_time": update_time,
+            "explained_variance": (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan"),
+            **{k: float(np.mean(v)) for k, v in stats.items()}})
+        row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time, **row,
+               **{f"train/{k}": v for k, v in episode_means(episodes).items()}}
         log(row)
         bar.set_postfix(success=f"{row.get('train/success_once', float('nan')):.2f}", kl=f"{row['approx_kl']:.4f}")
         done = iteration + 1 == args.total_iterations or (args.time_budget_min is not None
@@ -720,7 +838,11 @@ def main(args: Args):
         if done:
             break
     envs.close(), eval_envs.close()
-    return eval_metrics
+    if is_main:
+        metrics_file.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return eval_metrics, policy, critic
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ read from a local file in the standard LIBERO hdf5 layout.
 
     python sft_baseline.py                                  # PickCube, state obs, tiny policy, CPU
     python sft_baseline.py --env-id PickCube --num-demos 100 --obs-mode rgb --preset pi0   # on a GPU
+    torchrun --nproc-per-node 8 sft_baseline.py --preset pi0 --obs-mode rgb                # on 8 GPUs
     python sft_baseline.py --env-id libero_spatial --task-ids 0 --demo-path demos/libero_spatial.hdf5
 """
 
@@ -25,6 +26,7 @@ import gymnasium as gym
 import h5py
 import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
 from tqdm import tqdm
 
@@ -59,7 +61,7 @@ class Args:
     train_steps: int = 6000
     """gradient steps"""
     batch_size: int = 64
-    """samples (observation, action chunk) per gradient step"""
+    """samples (observation, action chunk) per gradient step and rank (torchrun: the ranks' gradients are averaged)"""
     lr: float = 3e-4
     """peak learning rate (AdamW, linear warmup then cosine decay to 10%)"""
     warmup_steps: int = 100
@@ -73,7 +75,7 @@ class Args:
     eval_every: int = 0
     """also evaluate every N gradient steps (0: only at the end)"""
     num_eval_envs: int = 10
-    """parallel evaluation environments"""
+    """parallel evaluation environments (per rank)"""
     eval_seed: int = 10_000
     """first seed of the evaluation episodes (demonstrations use seeds 0..N-1)"""
     capture_video: bool = False
@@ -145,7 +147,9 @@ class ManiSkillEnvs:
         self.device, self.num_envs, self.gpu = device, num_envs, device.type == "cuda"
         if self.gpu:
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
-            env = gym.make(env_id, num_envs=num_envs, sim_backend="physx_cuda", **kw)
+            if device.index is not None:  # this rank's GPU under torchrun
+                kw.update(sim_backend=f"physx_cuda:{device.index}", render_backend=f"sapien_cuda:{device.index}")
+            env = gym.make(env_id, num_envs=num_envs, **{"sim_backend": "physx_cuda", **kw})
             self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=True, ignore_terminations=ignore_terminations,
                                           record_metrics=True)
         else:
@@ -430,15 +434,18 @@ def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, 
     return normalizer.unnormalize("actions", x[..., :action_dim])
 
 
-def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None) -> dict:
+def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank=0, world=1) -> dict:
     """Fixed-seed episodes run to the time limit (terminations ignored), executing the first C actions of each
-    chunk. -> mean success_once, success_at_end, return, episode_len."""
+    chunk. Round r (envs.num_envs episodes: seeds eval_seed + r * num_envs + i, sampling noise seeded with r) runs
+    on rank r % world, so the episodes do not depend on the number of ranks.
+    -> mean success_once, success_at_end, return, episode_len over all ranks' episodes."""
     policy.eval()
-    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(args.eval_seed)
     prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
     results, frames = {}, []
-    for r in range(math.ceil(num_episodes / envs.num_envs)):
+    for r in range(rank, math.ceil(num_episodes / envs.num_envs), world):
+        gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(args.eval_seed + r)
         obs = envs.reset(seed=args.eval_seed + r * envs.num_envs)
+        keep = min(envs.num_envs, num_episodes - r * envs.num_envs)  # the last round may be partly surplus
         finished = False
         while not finished:
             chunk = sample_actions(policy, normalizer, obs, prompts, args.denoise_steps, envs.action_dim, gen)
@@ -448,14 +455,14 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None) -> d
                     frames.append(envs.render())
                 if info["episode"]:  # all envs reach the time limit together
                     for k, v in info["episode"].items():
-                        results.setdefault(k, []).append(v.float().cpu())
+                        results.setdefault(k, []).append(v[:keep].float().cpu())
                     finished = True
                     break
     if frames:
         import imageio
         Path(video_path).parent.mkdir(parents=True, exist_ok=True)
         imageio.mimsave(video_path, frames, fps=20)
-    return {k: torch.cat(v)[:num_episodes].mean().item() for k, v in results.items()}
+    return episode_means(results)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
@@ -473,15 +480,80 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+# ================================================================================================ distributed
+# `torchrun --nproc-per-node N sft_baseline.py` starts N copies of this script. Each rank owns one GPU (or one CPU
+# process with the gloo backend), num_envs / N envs and its own seeds; after every backward the ranks average their
+# gradients, so their parameters stay identical. Metrics are reduced over ranks; only rank 0 logs and saves.
+def init_distributed() -> tuple[int, int, torch.device]:
+    """-> rank, world size, device. A plain `python` run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """x combined over ranks (a new tensor on x's device); x itself with one rank."""
+    if not distributed():
+        return x
+    y = x.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y, op=op)
+    return y.to(x.device)
+
+
+def broadcast_parameters(params: list[torch.Tensor]):
+    """Rank 0's values on every rank (random initialisations differ between ranks)."""
+    if distributed():
+        for p in params:
+            buf = p.data.to("cpu") if dist.get_backend() == "gloo" else p.data
+            dist.broadcast(buf, 0)
+            p.data.copy_(buf)
+
+
+def average_gradients(params: list[torch.Tensor]):
+    """What DDP does after backward, written out because the policy is called through encode_prefix / velocity,
+    not through the forward() that DDP wraps: all gradients in one flat buffer, summed over ranks, / world size."""
+    if not distributed():
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = all_reduce(flat) / dist.get_world_size()  # [trainable parameters]
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+EPISODE_KEYS = ("success_once", "success_at_end", "return", "episode_len")
+
+
+def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean of each episode metric over every rank's finished episodes (sums and counts are all-reduced)."""
+    sums = torch.zeros(len(EPISODE_KEYS), 2, dtype=torch.float64)  # [metric, (sum, count)]
+    for i, k in enumerate(EPISODE_KEYS):
+        if episodes.get(k):
+            v = torch.cat(episodes[k]).double()
+            sums[i] = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64)])
+    sums = all_reduce(sums)
+    return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
+
+
 # ================================================================================================ main
 def main(args: Args):
+    """Train; -> the last evaluation's metrics and the policy."""
     kind, env_id = resolve_env_id(args.env_id)
     if args.action_chunk > args.chunk_size:
         raise ValueError(f"--action-chunk {args.action_chunk} exceeds --chunk-size {args.chunk_size}")
     if kind == "libero" and args.demo_path is None:
         raise ValueError("LIBERO demonstrations cannot be downloaded here: pass --demo-path to a local LIBERO hdf5 file")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    rank, world, device = init_distributed()
+    is_main = rank == 0
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     run_dir = Path(args.output_dir or f"runs/sft/{env_id}")
     ckpt_dir = run_dir / "checkpoint"
 
@@ -491,8 +563,14 @@ def main(args: Args):
         episodes = load_libero_demos(demo_path, args.num_demos)
         prompt_of = lambda ep: ep["prompt"]
     else:
-        demo_path = Path(args.demo_path) if args.demo_path else generate_maniskill_demos(
-            env_id, args.num_demos, args.obs_mode, args.control_mode)
+        if args.demo_path:
+            demo_path = Path(args.demo_path)
+        else:  # rank 0 writes the demos while the others wait, then finds them
+            if not is_main and distributed():
+                dist.barrier()
+            demo_path = generate_maniskill_demos(env_id, args.num_demos, args.obs_mode, args.control_mode)
+            if is_main and distributed():
+                dist.barrier()
         episodes = load_maniskill_demos(demo_path, args.num_demos, args.control_mode)
         prompt_of = lambda ep: MANISKILL_TASKS[env_id.removesuffix("-v1")]
     if not episodes:
@@ -505,7 +583,8 @@ def main(args: Args):
     images = (torch.as_tensor(np.concatenate([ep["images"] for ep in episodes]))
               if episodes[0].get("images") is not None else None)  # [N, cams, H, W, 3] uint8
     prompts = [prompt_of(ep) for ep in episodes for _ in range(len(ep["actions"]))]
-    print(f"{len(episodes)} demos, {len(states)} samples from {demo_path}")
+    if is_main:
+        print(f"{len(episodes)} demos, {len(states)} samples from {demo_path}")
 
     # ---- policy (fresh, or resumed with its optimiser)
     if args.resume:
@@ -516,6 +595,7 @@ def main(args: Args):
         normalizer = vla.Normalizer.from_data(states.numpy(), chunks[:, 0].numpy(), policy.config.norm_mode)
         extra, meta, start = {}, {}, 0
     policy.to(device)
+    broadcast_parameters(list(policy.parameters()))  # one initialisation for all ranks
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     if args.resume:
         load_optimizer(opt, extra, meta["optimizer"])
@@ -532,19 +612,23 @@ def main(args: Args):
         if envs.action_dim != action_dim:
             raise ValueError(f"{demo_path} has {action_dim}-D actions but {env_id} with {args.control_mode} takes "
                              f"{envs.action_dim}-D: regenerate or convert the demos for this control mode")
-    if args.track:
+    if args.track and is_main:
         import wandb
         wandb.init(project=args.wandb_project, config=asdict(args), name=f"sft_{env_id}_{args.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
 
     def log(row: dict):
+        if not is_main:
+            return
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         if args.track:
             wandb.log(row, step=row["step"])
 
     def save(step, eval_metrics):
+        if not is_main:
+            return
         opt_tensors, groups = optimizer_tensors(opt)
         vla.save_checkpoint(ckpt_dir, policy, normalizer, opt_tensors,
                             {"step": step, "optimizer": groups, "args": asdict(args), "eval": eval_metrics,
@@ -557,7 +641,7 @@ def main(args: Args):
     x_actions = normalizer.normalize("actions", chunks).to(device)
     masks = masks.float().to(device)
     eval_metrics, t0 = {}, time.time()
-    bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="sft")
+    bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="sft", disable=not is_main)
     for step in bar:
         policy.train()
         for g in opt.param_groups:
@@ -566,30 +650,39 @@ def main(args: Args):
         imgs = images[idx].to(device) if images is not None else None
         loss = flow_matching_loss(policy, x_state[idx.to(device)], [prompts[i] for i in idx.tolist()], imgs,
                                   x_actions[idx.to(device)], masks[idx.to(device)])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good checkpoint is in {ckpt_dir}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(list(policy.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        if not torch.isfinite(grad_norm):  # the same on every rank: gradients were averaged
+            raise FloatingPointError(f"non-finite loss or gradient at step {step}; the last good checkpoint is in "
+                                     f"{ckpt_dir}")
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1 == args.train_steps
         if step % 50 == 0 or done:
-            log({"step": step + 1, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr_at(step),
+            mean_loss = all_reduce(loss.detach()).item() / world
+            log({"step": step + 1, "loss": mean_loss, "grad_norm": grad_norm.item(), "lr": lr_at(step),
                  "time": time.time() - t0})
         if envs is not None and (done or (args.eval_every and (step + 1) % args.eval_every == 0)):
             video = run_dir / "videos" / f"eval_{step + 1}.mp4" if args.capture_video else None
-            eval_metrics = evaluate(policy, normalizer, envs, args, args.eval_episodes, video)
+            eval_metrics = evaluate(policy, normalizer, envs, args, args.eval_episodes, video if is_main else None,
+                                    rank, world)
             log({"step": step + 1, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
-            print(f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()))
+            if is_main:
+                print(f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()))
         if done or (step + 1) % 1000 == 0:
             save(step + 1, eval_metrics)
-    if start >= args.train_steps:
+    if start >= args.train_steps and is_main:
         print(f"{ckpt_dir} is already at step {start}; raise --train-steps to continue")
-    print(f"checkpoint: {ckpt_dir} ({time.time() - t0:.0f} s)")
+    if is_main:
+        print(f"checkpoint: {ckpt_dir} ({time.time() - t0:.0f} s)")
+        metrics_file.close()
     if envs is not None:
         envs.close()
-    return eval_metrics
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return eval_metrics, policy
 
 
 if __name__ == "__main__":

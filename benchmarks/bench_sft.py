@@ -25,8 +25,8 @@ def main():
     rows = []
     for n in cli.demos:
         t0 = time.time()
-        m = sft.main(replace(sft.Args(), num_demos=n, train_steps=cli.train_steps,
-                             output_dir=f"runs/bench_sft/PickCube-v1_{n}demos"))
+        m, _ = sft.main(replace(sft.Args(), num_demos=n, train_steps=cli.train_steps,
+                                output_dir=f"runs/bench_sft/PickCube-v1_{n}demos"))
         rows.append((n, m["success_once"], m["success_at_end"], time.time() - t0))
     print(f"\nPickCube-v1, state obs, pd_ee_delta_pose, tiny preset, {cli.train_steps} steps, 100 eval episodes")
     print(f"{'demos':>6} {'success_once':>13} {'success_at_end':>15} {'wall s':>8}")
@@ -42,9 +42,9 @@ def main():
     write_libero_demo_file(path, "libero_spatial", 0, num_demos=2, steps=20, image_size=128)
     t_demo = time.time() - t0
     t0 = time.time()
-    m = sft.main(replace(sft.Args(), env_id="libero_spatial", task_ids=(0,), demo_path=str(path), num_demos=2,
-                         train_steps=50, batch_size=8, eval_episodes=1, num_eval_envs=1,
-                         output_dir="runs/bench_sft/libero_spatial_tiny"))
+    m, _ = sft.main(replace(sft.Args(), env_id="libero_spatial", task_ids=(0,), demo_path=str(path), num_demos=2,
+                            train_steps=50, batch_size=8, eval_episodes=1, num_eval_envs=1,
+                            output_dir="runs/bench_sft/libero_spatial_tiny"))
     t_pipe = time.time() - t0
     envs = sft.LiberoEnvs("libero_spatial", (0,), 1, 1000, True, torch.device("cpu"))
     envs.reset(seed=0)

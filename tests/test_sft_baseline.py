@@ -115,7 +115,7 @@ def test_maniskill_envs_cpu_batch_and_final_obs():
 
 def test_end_to_end_smoke_and_resume(tmp_path, maniskill_demos):
     args = small_args(tmp_path, demo_path=str(maniskill_demos))
-    metrics = sft.main(args)
+    metrics, _ = sft.main(args)
     assert 0.0 <= metrics["success_once"] <= 1.0 and metrics["episode_len"] == 10
     ckpt = Path(args.output_dir) / "checkpoint"
     policy, norm, extra, meta = vla.load_checkpoint(ckpt)

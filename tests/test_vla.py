@@ -121,6 +121,43 @@ def test_cache_survives_20_calls(variant):
             assert torch.equal(v_reused, v_fresh), f"call {i}: cached prefix was modified"
 
 
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_expert_checkpointing_gives_the_same_gradients(variant):
+    # Two velocity calls on one prefix in one graph (as Flow-Noise's update does): the layers' backward replays
+    # must see the same prefix keys/values as the forward did.
+    policy = tiny(variant).freeze_vlm().train()
+    state, imgs, x, t = make_inputs(policy)
+    grads = []
+    for checkpointing in (False, True):
+        policy.expert_checkpointing(checkpointing)
+        policy.zero_grad(set_to_none=True)
+        pre = policy.encode_prefix(state, PROMPTS, imgs)
+        v1, _ = policy.velocity(pre, x, t)
+        v2, _ = policy.velocity(pre, x - v1 / 4, t - 0.25)
+        (v1.square().sum() + v2.sin().sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad})
+        assert pre.cache.get_seq_length() == pre.length
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+    assert sum(g.abs().sum() for g in grads[0].values()) > 0
+
+
+def test_bfloat16_frozen_vlm_keeps_a_float32_expert():
+    policy = tiny()
+    state, imgs, x, t = make_inputs(policy)
+    with torch.no_grad():
+        ref = policy.velocity(policy.encode_prefix(state, PROMPTS, imgs), x, t)[0]
+        policy.freeze_vlm(dtype=torch.bfloat16)
+        pre = policy.encode_prefix(state, PROMPTS, imgs)
+        v = policy.velocity(pre, x, t)[0]
+    assert pre.cache.layers[0].keys.dtype == torch.bfloat16 and v.dtype == torch.float32
+    assert policy.pi0.action_out_proj.weight.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: the velocity moves by about 1e-2 of its scale, a real bug by O(1).
+    assert (v - ref).abs().max() < 0.05 * ref.abs().max()
+    assert not torch.equal(v, ref)
+
+
 def test_velocity_depends_on_inputs():
     # Guards the two tests above against a degenerate model that ignores its inputs.
     policy = tiny()
