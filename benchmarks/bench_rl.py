@@ -7,6 +7,7 @@ Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -78,6 +79,7 @@ def main():
             mod = SCRIPTS[algo]
             args = replace(mod.Args(), time_budget_min=cli.minutes, total_iterations=10_000, eval_every=15,
                            output_dir=str(OUT / algo))
+            shutil.rmtree(OUT / algo, ignore_errors=True)  # metrics.jsonl appends: start clean
             t0 = time.time()
             mod.main(args)
             print(f"{algo}: {time.time() - t0:.0f} s wall in all")

@@ -1,7 +1,7 @@
 """SFT benchmark on CPU: PickCube (state obs, tiny preset) eval success against the number of demonstrations,
 with wall time; then the LIBERO pipeline end to end on a tiny self-made demo file, and LIBERO env steps/s.
 
-Run: .venv/bin/python benchmarks/bench_sft.py [--demos 5 10 25 100] [--skip-libero]
+Run: .venv/bin/python benchmarks/bench_sft.py [--demos 10 25 100 200] [--skip-libero]
 """
 
 import argparse
@@ -18,7 +18,7 @@ import sft_baseline as sft  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--demos", type=int, nargs="+", default=[5, 10, 25, 100])
+    p.add_argument("--demos", type=int, nargs="+", default=[10, 25, 100, 200])
     p.add_argument("--train-steps", type=int, default=sft.Args.train_steps)
     p.add_argument("--skip-libero", action="store_true")
     cli = p.parse_args()

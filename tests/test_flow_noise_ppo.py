@@ -60,7 +60,7 @@ def test_std_stays_in_bounds_for_extreme_head_outputs():
 def test_ratio_one_and_gradients(ratio_level):
     policy, head, norm, state, prompts = setup(N=8)
     args = replace(fn.Args(), ratio_level=ratio_level, action_chunk=5)
-    critic = fn.Critic(policy.spec["expert_hidden"])
+    critic = fn.Critic(fn.critic_feature_dim(policy, args))
     with torch.no_grad():
         prefix = policy.encode_prefix(norm.normalize("state", state), prompts)
         chain, terms = fn.sample_chain(policy, head, prefix, args, 7)

@@ -74,7 +74,7 @@ def test_ratio_one_and_gradients_reach_only_trainable(ratio_level):
     policy, norm = tiny_policy()
     policy.freeze_vlm()
     args = replace(sde.Args(), ratio_level=ratio_level, action_chunk=5)
-    critic = sde.Critic(policy.spec["expert_hidden"])
+    critic = sde.Critic(sde.critic_feature_dim(policy, args))
     N = 12
     state = torch.randn(N, 42)
     prompts = ["pick up the cube"] * N
@@ -95,6 +95,11 @@ def test_ratio_one_and_gradients_reach_only_trainable(ratio_level):
     loss, stats = sde.ppo_loss(policy, critic, norm, args, 7, state, None, prompts, xb, xa, k_star, logp, adv,
                                value + torch.randn(N), value)
     assert abs(stats["ratio_mean"] - 1) < 1e-5 and stats["clipfrac"] == 0
+    args_es = replace(args, critic_input="expert_state")  # the state-augmented critic sees [expert tokens, state]
+    with torch.no_grad():
+        feats = sde.critic_features(policy, prefix, args_es)
+    assert feats.shape == (N, policy.spec["expert_hidden"] + policy.spec["max_state_dim"])
+    torch.testing.assert_close(feats[:, policy.spec["expert_hidden"]:][:, :42], norm.normalize("state", state))
     loss.backward()
     assert all(p.grad is None for p in policy.vlm.parameters())
     for name, p in list(policy.named_parameters()) + list(critic.named_parameters()):
@@ -166,3 +171,58 @@ def test_bad_inputs(tmp_path):
         sde.main(replace(small_rl_args(sde, tmp_path), num_minibatches=8))
     with pytest.raises(ValueError, match="unknown --env-id"):
         sde.main(replace(small_rl_args(sde, tmp_path), env_id="PickSphere"))
+    with pytest.raises(ValueError, match="--micro-batch-size 0 must be at least 1"):
+        sde.main(replace(small_rl_args(sde, tmp_path), micro_batch_size=0))
+    pi05 = vla.build("tiny", action_dim=7, state_dim=42, variant="pi05")
+    prefix = pi05.encode_prefix(torch.zeros(2, 42), ["pick"] * 2)
+    with pytest.raises(ValueError, match="expert_state needs pi0's state token"):
+        sde.critic_features(pi05, prefix, replace(sde.Args(), critic_input="expert_state"))
+
+
+def test_micro_batches_and_checkpointing_give_the_minibatch_gradient():
+    """The update's gradient accumulation (loss x len(micro) / len(minibatch) per micro-batch) and the expert's
+    gradient checkpointing change memory, not the gradient."""
+    policy, norm = tiny_policy()
+    policy.freeze_vlm()
+    args = replace(sde.Args(), action_chunk=5)
+    torch.manual_seed(1)
+    critic = sde.Critic(sde.critic_feature_dim(policy, args))
+    N = 12
+    state, prompts = torch.randn(N, 42), ["pick up the cube"] * N
+    with torch.no_grad():
+        prefix = policy.encode_prefix(norm.normalize("state", state), prompts)
+        value = critic(sde.critic_features(policy, prefix, args))
+        _, xb, xa, k_star, logp = sde.sample_chunk(policy, prefix, args, 7)
+    logp = logp + 0.05 * torch.randn_like(logp)  # ratios away from 1, some clipped
+    adv, ret = torch.randn(N), value + torch.randn(N)
+    params = policy.trainable_parameters() + list(critic.parameters())
+
+    def gradient(micro_size, checkpointing):
+        policy.expert_checkpointing(checkpointing).train()
+        for p in params:
+            p.grad = None
+        for m in torch.arange(N).split(micro_size):
+            loss, _ = sde.ppo_loss(policy, critic, norm, args, 7, state[m], None, [prompts[i] for i in m],
+                                   xb[m], xa[m], k_star[m], logp[m], adv[m], ret[m], value[m])
+            (loss * len(m) / N).backward()
+        return [p.grad.clone() for p in params]
+
+    whole = gradient(N, False)
+    assert sum(g.abs().sum() for g in whole) > 0
+    for micro_size, checkpointing in ((5, False), (4, True)):
+        for g, ref in zip(gradient(micro_size, checkpointing), whole):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_real_size_benchmark_runs_at_the_tiny_size(tmp_path):
+    """benchmarks/bench_scale.py drives the script on rgb observations with micro-batches and checkpointing."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--preset", "tiny", "--num-envs", "2", "--num-steps", "2", "--max-episode-steps", "10",
+                "--micro-batch-size", "1", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["global_step"] == 2 * 2 * 5 and row["update_time"] > 0

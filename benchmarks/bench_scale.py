@@ -1,0 +1,76 @@
+"""Real sizes on one GPU: one full Flow-SDE PPO iteration of a random-init pi0 policy (no weights can be
+downloaded) on rgb observations at 320 ManiSkill GPU envs. Prints peak GPU memory, rollout env steps/s and the
+update time. The frozen VLM runs in bfloat16 (flow_sde_ppo's default on a GPU); the update is micro-batched and
+gradient-checkpointed in the expert.
+
+Run (GPU):  .venv/bin/python benchmarks/bench_scale.py
+Run (CPU, the same code path at the tiny size):
+            .venv/bin/python benchmarks/bench_scale.py --preset tiny --num-envs 4 --num-steps 2 --max-episode-steps 10
+"""
+
+import argparse
+import json
+import resource
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import flow_sde_ppo
+import vla
+
+STATE_DIM, ACTION_DIM = 9, 7  # Panda qpos (the rgb mode's proprio) and pd_ee_delta_pose
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="pi0", choices=sorted(vla.PRESETS))
+    p.add_argument("--num-envs", type=int, default=320)
+    p.add_argument("--num-steps", type=int, default=10, help="decision points per env in the iteration")
+    p.add_argument("--max-episode-steps", type=int, default=80)
+    p.add_argument("--action-chunk", type=int, default=5)
+    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--no-grad-checkpointing", action="store_true")
+    p.add_argument("--out", default="runs/bench_scale")
+    cli = p.parse_args(argv)
+    out = Path(cli.out)
+
+    # A random-init policy saved as an SFT checkpoint, so the script runs exactly as a user runs it.
+    torch.manual_seed(0)
+    policy = vla.build(cli.preset, ACTION_DIM, STATE_DIM)
+    rng = np.random.default_rng(0)
+    norm = vla.Normalizer.from_data(rng.normal(size=(256, STATE_DIM)), rng.uniform(-1, 1, (256, ACTION_DIM)),
+                                    policy.config.norm_mode)
+    vla.save_checkpoint(out / "sft", policy.to(torch.bfloat16), norm, meta={
+        "obs_mode": "rgb", "control_mode": "pd_ee_delta_pose", "action_chunk": cli.action_chunk})
+    del policy
+
+    args = replace(flow_sde_ppo.Args(), checkpoint=str(out / "sft"), output_dir=str(out / "run"),
+                   num_envs=cli.num_envs, num_steps=cli.num_steps, max_episode_steps=cli.max_episode_steps,
+                   total_iterations=1, critic_warmup_iters=0, eval_episodes=0, save_every=10**9,
+                   micro_batch_size=cli.micro_batch_size, grad_checkpointing=not cli.no_grad_checkpointing)
+    (out / "run" / "metrics.jsonl").unlink(missing_ok=True)
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    flow_sde_ppo.main(args)
+    wall = time.time() - t0
+    row = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    device = torch.cuda.get_device_name() if gpu else "CPU"
+    peak = (f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU (allocated), "
+            f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved" if gpu else
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB CPU (max RSS)")
+    print(f"\n{cli.preset} preset, PickCube rgb, {cli.num_envs} envs x {cli.num_steps} decisions x "
+          f"{cli.action_chunk} actions, micro-batch {cli.micro_batch_size}, grad checkpointing "
+          f"{not cli.no_grad_checkpointing}, on {device}")
+    print(f"peak memory    {peak}")
+    print(f"rollout        {row['rollout_sps']:.0f} env steps/s ({row['rollout_time']:.1f} s)")
+    print(f"update         {row['update_time']:.1f} s (4 epochs x 4 minibatches)")
+    print(f"iteration wall {wall:.0f} s including env creation and model loading")
+
+
+if __name__ == "__main__":
+    main()
