@@ -608,7 +608,8 @@ def main(args: Args):
     if policy.config.action_dim != A:
         raise ValueError(f"{source} outputs {policy.config.action_dim}-D actions but {env_id} with "
                          f"{args.control_mode} takes {A}-D: use a checkpoint trained for this env and control mode")
-    vlm_dtype = torch.bfloat16 if args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda") else None
+    bf16 = args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda")
+    vlm_dtype = torch.bfloat16 if bf16 else None
     policy.to(device).freeze_vlm(dtype=vlm_dtype).expert_checkpointing(args.grad_checkpointing)
     ref_policy = None
     if args.kl_coef > 0:  # the starting policy, frozen
