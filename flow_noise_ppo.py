@@ -722,8 +722,8 @@ def main(args: Args):
         noise_head.load_state_dict({k[len("noise_head."):]: v for k, v in extra.items() if k.startswith("noise_head.")})
         load_optimizer(opt, extra, meta["optimizer"])
         start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
-    broadcast_parameters(actor_params() + list(critic.parameters()))
     params = actor_params() + list(critic.parameters())
+    broadcast_parameters(params)
 
     if args.track and is_main:
         import wandb

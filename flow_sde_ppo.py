@@ -689,8 +689,8 @@ def main(args: Args):
         critic.load_state_dict({k[len("critic."):]: v for k, v in extra.items() if k.startswith("critic.")})
         load_optimizer(opt, extra, meta["optimizer"])
         start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
-    broadcast_parameters(policy.trainable_parameters() + list(critic.parameters()))
     params = policy.trainable_parameters() + list(critic.parameters())
+    broadcast_parameters(params)
 
     if args.track and is_main:
         import wandb
