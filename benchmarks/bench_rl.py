@@ -1,7 +1,9 @@
 """RL benchmark on CPU: learning curves of the RL scripts from one SFT checkpoint (plotted on shared axes),
 rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE update-cost ratio.
 
-Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--plot-only]
+Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo sde_a05] [--minutes 30] [--eval-every 15]
+     [--plot-only]
+(sde_a05: Flow-SDE PPO at the paper's noise level 0.5, for comparison with the default 0.8)
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -19,8 +21,10 @@ import flow_grpo
 import flow_noise_ppo
 import flow_sde_ppo
 
-SCRIPTS = {"sde": flow_sde_ppo, "noise": flow_noise_ppo, "grpo": flow_grpo}
-LABELS = {"sde": "Flow-SDE PPO", "noise": "Flow-Noise PPO", "grpo": "GRPO (Flow-SDE)"}
+SCRIPTS = {"sde": flow_sde_ppo, "noise": flow_noise_ppo, "grpo": flow_grpo, "sde_a05": flow_sde_ppo}
+OVERRIDES = {"sde_a05": dict(noise_level=0.5)}  # the paper's default noise level, against our 0.8
+LABELS = {"sde": "Flow-SDE PPO", "noise": "Flow-Noise PPO", "grpo": "GRPO (Flow-SDE)",
+          "sde_a05": "Flow-SDE PPO, a = 0.5 (paper's default)"}
 OUT = Path("runs/bench_rl")
 
 
@@ -52,8 +56,9 @@ def plot(algos):
         x_steps = [r["global_step"] / 1e3 for r in ev]
         x_min = [r["train_time"] / 60 for r in ev]
         y = [100 * r["eval/success_once"] for r in ev]
-        axes[0].plot(x_steps, y, marker="o", label=LABELS[algo])
-        axes[1].plot(x_min, y, marker="o", label=LABELS[algo])
+        style = dict(marker="o", label=LABELS[algo], linestyle="--" if algo in OVERRIDES else "-")
+        axes[0].plot(x_steps, y, **style)
+        axes[1].plot(x_min, y, **style)
     axes[0].set_xlabel("env steps (thousands)")
     axes[1].set_xlabel("training wall time, minutes (2-core CPU, evaluation excluded)")
     for ax in axes:
@@ -72,13 +77,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--algos", nargs="+", default=["sde", "noise", "grpo"], choices=list(SCRIPTS))
     p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--eval-every", type=int, default=15, help="iterations between evaluations (100 episodes each)")
     p.add_argument("--plot-only", action="store_true")
     cli = p.parse_args()
     if not cli.plot_only:
         for algo in cli.algos:
             mod = SCRIPTS[algo]
-            args = replace(mod.Args(), time_budget_min=cli.minutes, total_iterations=10_000, eval_every=15,
-                           output_dir=str(OUT / algo))
+            args = replace(mod.Args(), time_budget_min=cli.minutes, total_iterations=10_000,
+                           eval_every=cli.eval_every, output_dir=str(OUT / algo), **OVERRIDES.get(algo, {}))
             shutil.rmtree(OUT / algo, ignore_errors=True)  # metrics.jsonl appends: start clean
             t0 = time.time()
             mod.main(args)

@@ -48,7 +48,8 @@ class AnalyticPolicy:
         return analytic_velocity(x, torch.as_tensor(t).expand(x.shape[0])), None
 
 
-def test_sde_keeps_ode_marginals_on_gaussian_target():
+@pytest.mark.parametrize("a", [0.5, 0.8])  # the paper's default and ours
+def test_sde_keeps_ode_marginals_on_gaussian_target(a):
     torch.manual_seed(0)
     N, K = 40_000, 100
     x_ode = torch.randn(N, 2, 2, dtype=torch.float64)
@@ -56,9 +57,9 @@ def test_sde_keeps_ode_marginals_on_gaussian_target():
     for k in range(K):
         t = torch.full((N,), 1 - k / K, dtype=torch.float64)
         x_ode = x_ode - analytic_velocity(x_ode, t) / K
-        mean, std = sde.sde_mean_std(x_sde, analytic_velocity(x_sde, t), t, K, 0.5)
+        mean, std = sde.sde_mean_std(x_sde, analytic_velocity(x_sde, t), t, K, a)
         x_sde = mean + std * torch.randn_like(x_sde)
-    args = SimpleNamespace(denoise_steps=K, noise_level=0.5, action_chunk=2)
+    args = SimpleNamespace(denoise_steps=K, noise_level=a, action_chunk=2)
     x_hyb, *_ = sde.sample_chunk(AnalyticPolicy(), SimpleNamespace(mask=torch.ones(N, 1)), args, 2)
     # With 100 steps Euler's bias is ~3% of the variance; the sampling error of each estimate is < 0.5%.
     # A wrong sign or factor in the SDE drift moves the all-SDE variance by far more than 5%.
