@@ -67,10 +67,8 @@ class Args:
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
     noise_level: float = 0.8
-    """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise. The paper's default is 0.5; its ablation reached its best
-    result with 0.8. The larger the SDE step's noise, the larger its share of the chunk's randomness, which is the only
-    share the one-step log-prob credits (the initial noise x_1 has no parameters). With Flow-SDE PPO on CPU PickCube
-    0.5 and 0.8 tied over 30 minutes (70% and 71%; one run each, see the README); GRPO was run with 0.8 only"""
+    """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise (the paper's default is 0.5, its ablation's best 0.8; on CPU
+    PickCube 0.5 and 0.8 tied (70% / 71%) after 30 minutes of Flow-SDE PPO; GRPO ran with 0.8 only; see the README)"""
     ratio_level: str = "chunk"
     """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim)"""
     update_epochs: int = 2

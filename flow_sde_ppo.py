@@ -66,10 +66,8 @@ class Args:
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
     noise_level: float = 0.8
-    """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise. The paper's default is 0.5; its ablation reached its best
-    result with 0.8. The larger the SDE step's noise, the larger its share of the chunk's randomness, which is the only
-    share the one-step log-prob credits (the initial noise x_1 has no parameters). On CPU PickCube 0.5 and 0.8 tied
-    over 30 minutes (0.5 ended at 70%, 0.8 at 71%; one run each, see the README)"""
+    """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise (the paper's default is 0.5, its ablation's best 0.8; on CPU
+    PickCube 0.5 and 0.8 tied (70% / 71%) after 30 minutes of Flow-SDE PPO: see the README's Choices)"""
     ratio_level: str = "chunk"
     """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim)"""
     critic_input: str = "expert_state"
