@@ -120,6 +120,9 @@ class Args:
     """evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation"""
     num_eval_envs: int = 10
     """parallel evaluation environments (per rank)"""
+    env_workers: int | None = None
+    """CPU simulator only: processes that step the envs (default: one per core, divided among torchrun ranks; 1 keeps
+    them in this process)"""
     eval_seed: int = 10_000
     """first seed of the evaluation episodes"""
     save_every: int = 10
@@ -180,13 +183,102 @@ def add_batch_dim(x):
     return {k: add_batch_dim(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[None]
 
 
+def cpu_vector_env(env_id: str, num_envs: int, kw: dict, ignore_terminations: bool):
+    """A SyncVectorEnv of num_envs single CPU envs (physx_cpu), auto-resetting in the same step."""
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+    from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
+
+    def thunk():  # enhanced_determinism: an auto-reset draws the new episode from the env's own seeded RNG, not the
+        # process's global torch RNG, so the episodes are the same in this process and in worker processes
+        env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", enhanced_determinism=True, **kw)
+        return CPUGymWrapper(env, ignore_terminations=ignore_terminations, record_metrics=True)
+    return SyncVectorEnv([thunk] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def cpu_env_worker(pipe, env_id, num_envs, kw, ignore_terminations):
+    """Subprocess loop: owns a SyncVectorEnv and answers ("reset", seeds), ("step", actions), ("call", name)."""
+    torch.set_num_threads(1)
+    env = cpu_vector_env(env_id, num_envs, kw, ignore_terminations)
+    pipe.send(env.single_action_space)
+    for cmd, arg in iter(pipe.recv, None):
+        pipe.send(env.reset(seed=arg) if cmd == "reset" else env.step(arg) if cmd == "step" else env.call(arg))
+    env.close()
+
+
+def concat_envs(parts: list, sizes: list[int]):
+    """Join the workers' outputs (arrays, or nested dicts of them) along the env axis. A worker's info lacks the keys
+    none of its envs set (final_obs when none finished); fill them as SyncVectorEnv does: zeros, False, None."""
+    if isinstance(parts[0], tuple):
+        return tuple(concat_envs(list(p), sizes) for p in zip(*parts))
+    ref = next(p for p in parts if p is not None)
+    if isinstance(ref, dict):
+        keys = list(dict.fromkeys(k for p in parts if p is not None for k in p))
+        return {k: concat_envs([(p or {}).get(k) for p in parts], sizes) for k in keys}
+    ref = np.asarray(ref)
+    fill = lambda n: np.full(n, None, object) if ref.dtype == object else np.zeros((n, *ref.shape[1:]), ref.dtype)
+    return np.concatenate([fill(n) if p is None else np.asarray(p) for p, n in zip(parts, sizes)])
+
+
+class ProcessVectorEnv:
+    """num_envs CPU envs split over `workers` subprocesses, each a SyncVectorEnv. ManiSkill's CPU step is mostly
+    Python (controller, reward, observation), so one process keeps one core busy and a second process on a second core
+    nearly doubles the env steps per second. Same interface and the same numbers as one SyncVectorEnv."""
+
+    def __init__(self, env_id, num_envs, kw, ignore_terminations, workers):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")  # a forked child would inherit torch's thread pools and can hang
+        self.sizes = [len(a) for a in np.array_split(np.arange(num_envs), workers)]
+        self.bounds = np.cumsum([0] + self.sizes).tolist()
+        self.num_envs, self.pipes, self.procs = num_envs, [], []
+        for n in self.sizes:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=cpu_env_worker, args=(child, env_id, n, kw, ignore_terminations), daemon=True)
+            proc.start()
+            child.close()
+            self.pipes.append(parent), self.procs.append(proc)
+        self.single_action_space = [self._recv(p) for p in self.pipes][0]
+
+    def _recv(self, pipe):
+        try:
+            return pipe.recv()
+        except EOFError:
+            raise RuntimeError("a CPU env worker process died (its traceback is above); --env-workers 1 runs the envs "
+                               "in this process") from None
+
+    def _all(self, cmd, args):
+        for pipe, arg in zip(self.pipes, args):
+            pipe.send((cmd, arg))
+        return concat_envs([self._recv(pipe) for pipe in self.pipes], self.sizes)
+
+    def _split(self, x):
+        return [x[b:e] for b, e in zip(self.bounds[:-1], self.bounds[1:])]
+
+    def reset(self, seed):  # an int seeds env i with seed + i, as SyncVectorEnv does
+        seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
+        return self._all("reset", self._split(seeds))
+
+    def step(self, actions):
+        return self._all("step", self._split(actions))
+
+    def call(self, name):  # -> one result per env
+        for pipe in self.pipes:
+            pipe.send(("call", name))
+        return tuple(r for pipe in self.pipes for r in self._recv(pipe))
+
+    def close(self):
+        for pipe, proc in zip(self.pipes, self.procs):
+            pipe.send(None)
+            proc.join(timeout=30)
+
+
 class ManiSkillEnvs:
     """N ManiSkill envs as one batch of torch tensors: the GPU simulator (physx_cuda) when CUDA is available,
-    otherwise a SyncVectorEnv of CPU envs. Both auto-reset in the same step and return the finished episode's
-    last observation and metrics in `info`, so the rest of the script sees one interface."""
+    otherwise SyncVectorEnvs of CPU envs in `workers` processes. Both auto-reset in the same step and return the
+    finished episode's last observation and metrics in `info`, so the rest of the script sees one interface."""
 
     def __init__(self, env_id, num_envs, obs_mode, control_mode, max_steps, ignore_terminations, device,
-                 reward_mode="normalized_dense"):
+                 reward_mode="normalized_dense", workers=1):
         import mani_skill.envs  # noqa: F401  (registers the tasks)
         kw = dict(obs_mode=obs_mode, control_mode=control_mode, max_episode_steps=max_steps,
                   reward_mode=reward_mode, render_mode="rgb_array")
@@ -198,14 +290,10 @@ class ManiSkillEnvs:
             env = gym.make(env_id, num_envs=num_envs, **{"sim_backend": "physx_cuda", **kw})
             self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=True, ignore_terminations=ignore_terminations,
                                           record_metrics=True)
+        elif min(workers, num_envs) > 1:
+            self.env = ProcessVectorEnv(env_id, num_envs, kw, ignore_terminations, min(workers, num_envs))
         else:
-            from gymnasium.vector import AutoresetMode, SyncVectorEnv
-            from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
-
-            def thunk():
-                env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", **kw)
-                return CPUGymWrapper(env, ignore_terminations=ignore_terminations, record_metrics=True)
-            self.env = SyncVectorEnv([thunk] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+            self.env = cpu_vector_env(env_id, num_envs, kw, ignore_terminations)
         self.action_dim = self.env.single_action_space.shape[0]
         self.prompt = MANISKILL_TASKS[env_id.removesuffix("-v1")]
 
@@ -358,8 +446,10 @@ def make_envs(args, num_envs: int, ignore_terminations: bool, device):
     kind, env_id = resolve_env_id(args.env_id)
     if kind == "libero":
         return LiberoEnvs(env_id, args.task_ids, num_envs, LIBERO_MAX_STEPS[env_id], ignore_terminations, device)
+    world = dist.get_world_size() if dist.is_initialized() else 1  # torchrun ranks share the cores
+    workers = args.env_workers or max(1, (os.cpu_count() or 1) // world)
     return ManiSkillEnvs(env_id, num_envs, args.obs_mode, args.control_mode, args.max_episode_steps,
-                         ignore_terminations, device, args.reward_mode)
+                         ignore_terminations, device, args.reward_mode, workers)
 
 
 # ================================================================================================ Flow-SDE

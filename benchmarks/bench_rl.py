@@ -3,7 +3,8 @@ rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE upd
 
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo sde_a05] [--minutes 30] [--eval-every 15]
      [--plot-only]
-(sde_a05: Flow-SDE PPO at the paper's noise level 0.5, for comparison with the default 0.8)
+(sde_a05: Flow-SDE PPO at the paper's noise level 0.5, for comparison with the default 0.8; sde_1proc, grpo_1proc:
+all envs in one process, --env-workers 1)
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -21,16 +22,19 @@ import flow_grpo
 import flow_noise_ppo
 import flow_sde_ppo
 
-SCRIPTS = {"sde": flow_sde_ppo, "noise": flow_noise_ppo, "grpo": flow_grpo, "sde_a05": flow_sde_ppo}
-OVERRIDES = {"sde_a05": dict(noise_level=0.5)}  # the paper's default noise level, against our 0.8
+SCRIPTS = {"sde": flow_sde_ppo, "noise": flow_noise_ppo, "grpo": flow_grpo, "sde_a05": flow_sde_ppo,
+           "sde_1proc": flow_sde_ppo, "grpo_1proc": flow_grpo}
+OVERRIDES = {"sde_a05": dict(noise_level=0.5),  # the paper's default noise level, against our 0.8
+             "sde_1proc": dict(env_workers=1), "grpo_1proc": dict(env_workers=1)}  # all envs in one process: one core
 LABELS = {"sde": "Flow-SDE PPO", "noise": "Flow-Noise PPO", "grpo": "GRPO (Flow-SDE)",
-          "sde_a05": "Flow-SDE PPO, a = 0.5 (paper's default)"}
+          "sde_a05": "Flow-SDE PPO, a = 0.5 (paper's default)", "sde_1proc": "Flow-SDE PPO, envs in one process",
+          "grpo_1proc": "GRPO, envs in one process"}
 OUT = Path("runs/bench_rl")
 
 
-def raw_env_sps(num_envs: int, steps: int = 200) -> float:
+def raw_env_sps(num_envs: int, steps: int = 200, env_workers: int | None = None) -> float:
     """Env steps/s of the same training envs driven by a zero-cost policy (uniform random actions)."""
-    args = replace(flow_sde_ppo.Args(), obs_mode="state", control_mode="pd_ee_delta_pose")
+    args = replace(flow_sde_ppo.Args(), obs_mode="state", control_mode="pd_ee_delta_pose", env_workers=env_workers)
     envs = flow_sde_ppo.make_envs(args, num_envs, ignore_terminations=False, device=torch.device("cpu"))
     envs.reset(seed=0)
     actions = torch.rand(steps, num_envs, envs.action_dim) * 2 - 1
@@ -50,7 +54,7 @@ def plot(algos):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for algo in algos:
         _, ev = read(algo)
         x_steps = [r["global_step"] / 1e3 for r in ev]
@@ -65,9 +69,9 @@ def plot(algos):
         ax.set_ylabel("eval success_once, % (100 fixed-seed episodes)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=9)  # below, off the curves
     fig.suptitle("PickCube-v1 (state obs, tiny preset) from one few-shot SFT checkpoint")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     Path("docs").mkdir(exist_ok=True)
     fig.savefig("docs/learning_curves.png", dpi=110)
     print("wrote docs/learning_curves.png")
@@ -89,8 +93,10 @@ def main():
             t0 = time.time()
             mod.main(args)
             print(f"{algo}: {time.time() - t0:.0f} s wall in all")
-    raw = raw_env_sps(flow_sde_ppo.Args().num_envs)
-    print(f"\nraw env steps/s, {flow_sde_ppo.Args().num_envs} CPU envs, zero-cost policy: {raw:.0f}")
+    n = flow_sde_ppo.Args().num_envs
+    raw = raw_env_sps(n)  # the scripts' default: one env worker process per core
+    one = raw_env_sps(n, env_workers=1)
+    print(f"\nraw env steps/s, {n} CPU envs, zero-cost policy: {raw:.0f} (all in one process: {one:.0f})")
     print(f"{'algo':>6} {'eval before':>12} {'eval after':>11} {'best':>6} {'env steps':>10} {'train min':>10} "
           f"{'rollout sps':>12} {'ratio':>6} {'update s':>9}")
     upd = {}

@@ -1,5 +1,6 @@
 """sft_baseline.py: loss, demo readers, env conventions, end-to-end run, clear errors."""
 
+import importlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -111,6 +112,56 @@ def test_maniskill_envs_cpu_batch_and_final_obs():
     assert set(info["episode"]) >= {"success_once", "success_at_end", "return", "episode_len"}
     assert info["episode"]["episode_len"].tolist() == [3, 3]
     envs.close()
+
+
+SCRIPTS = ["sft_baseline", "flow_sde_ppo", "flow_noise_ppo", "flow_grpo"]  # each carries its own copy of the envs
+
+
+def assert_same(x, y, where=""):
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            assert_same(x[k], y[k], f"{where}/{k}")
+    elif isinstance(x, (tuple, list)):
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
+            assert_same(u, v, f"{where}[{i}]")
+    else:
+        assert (x is None and y is None) or torch.equal(x, y), where
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_env_worker_processes_match_one_process(module):
+    """3 CPU envs split over 2 worker processes return exactly what one in-process SyncVectorEnv returns, through
+    two auto-resets (the new episodes come from each env's own seeded RNG, not a process's global one)."""
+    m = importlib.import_module(module)
+
+    def rollout(workers):
+        envs = m.ManiSkillEnvs("PickCube-v1", 3, "state", CTRL, max_steps=4, ignore_terminations=True,
+                               device=torch.device("cpu"), workers=workers)
+        g = torch.Generator().manual_seed(0)
+        out = [envs.reset(seed=5)] + [envs.step(torch.rand(3, 7, generator=g) * 2 - 1) for _ in range(9)]
+        envs.close()
+        return out
+
+    one, two = rollout(1), rollout(2)
+    assert_same(one, two)
+    assert one[4][4]["episode"]["episode_len"].tolist() == [4, 4, 4]  # the steps did cross episode ends
+
+
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_concat_envs_fills_keys_a_worker_left_out(module):
+    """A worker whose envs did not finish has no final_obs / final_info: they come back as SyncVectorEnv fills them."""
+    m = importlib.import_module(module)
+    done = {"success": np.array([True, False]), "final_obs": np.array([np.ones(2), None], dtype=object),
+            "final_info": {"episode": {"return": np.array([3.0, 0.0]), "_return": np.array([True, False])}}}
+    running = {"success": np.array([False])}
+    obs = (np.zeros((2, 4)), np.ones((1, 4)))
+    out_obs, info = m.concat_envs([(obs[0], done), (obs[1], running)], [2, 1])
+    assert out_obs.shape == (3, 4) and out_obs[2].tolist() == [1, 1, 1, 1]
+    assert info["success"].tolist() == [True, False, False] and info["final_obs"][2] is None
+    assert info["final_obs"].dtype == object and info["final_obs"][0].tolist() == [1, 1]
+    assert info["final_info"]["episode"]["return"].tolist() == [3, 0, 0]
+    assert info["final_info"]["episode"]["_return"].tolist() == [True, False, False]
 
 
 def test_end_to_end_smoke_and_resume(tmp_path, maniskill_demos):
