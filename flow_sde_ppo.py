@@ -227,7 +227,7 @@ class ProcessVectorEnv:
 
     def __init__(self, env_id, num_envs, kw, ignore_terminations, workers):
         import multiprocessing as mp
-        ctx = mp.get_context("spawn")  # a forked child would inherit torch's thread pools and can hang
+        ctx = mp.get_context("spawn")  # forked env processes hung here (gymnasium's AsyncVectorEnv, fork)
         self.sizes = [len(a) for a in np.array_split(np.arange(num_envs), workers)]
         self.bounds = np.cumsum([0] + self.sizes).tolist()
         self.num_envs, self.pipes, self.procs = num_envs, [], []
