@@ -200,7 +200,6 @@ def cpu_env_worker(pipe, env_id, num_envs, kw, ignore_terminations):
     """Subprocess loop: owns a SyncVectorEnv and answers ("reset", seeds), ("step", actions), ("call", name)."""
     torch.set_num_threads(1)
     env = cpu_vector_env(env_id, num_envs, kw, ignore_terminations)
-    pipe.send(env.single_action_space)
     for cmd, arg in iter(pipe.recv, None):
         pipe.send(env.reset(seed=arg) if cmd == "reset" else env.step(arg) if cmd == "step" else env.call(arg))
     env.close()
@@ -237,34 +236,30 @@ class ProcessVectorEnv:
             proc.start()
             child.close()
             self.pipes.append(parent), self.procs.append(proc)
-        self.single_action_space = [self._recv(p) for p in self.pipes][0]
+        self.single_action_space = self.call("action_space")[0]
 
-    def _recv(self, pipe):
+    def _ask(self, cmd, args) -> list:
+        """Send each worker its message -> their answers, in env order."""
+        for pipe, arg in zip(self.pipes, args):
+            pipe.send((cmd, arg))
         try:
-            return pipe.recv()
+            return [pipe.recv() for pipe in self.pipes]
         except EOFError:
             raise RuntimeError("a CPU env worker process died (its traceback is above); --env-workers 1 runs the envs "
                                "in this process") from None
-
-    def _all(self, cmd, args):
-        for pipe, arg in zip(self.pipes, args):
-            pipe.send((cmd, arg))
-        return concat_envs([self._recv(pipe) for pipe in self.pipes], self.sizes)
 
     def _split(self, x):
         return [x[b:e] for b, e in zip(self.bounds[:-1], self.bounds[1:])]
 
     def reset(self, seed):  # an int seeds env i with seed + i, as SyncVectorEnv does
         seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
-        return self._all("reset", self._split(seeds))
+        return concat_envs(self._ask("reset", self._split(seeds)), self.sizes)
 
     def step(self, actions):
-        return self._all("step", self._split(actions))
+        return concat_envs(self._ask("step", self._split(actions)), self.sizes)
 
-    def call(self, name):  # -> one result per env
-        for pipe in self.pipes:
-            pipe.send(("call", name))
-        return tuple(r for pipe in self.pipes for r in self._recv(pipe))
+    def call(self, name):  # -> one result per env: a method's return value or an attribute
+        return tuple(r for part in self._ask("call", [name] * len(self.pipes)) for r in part)
 
     def close(self):
         for pipe, proc in zip(self.pipes, self.procs):
