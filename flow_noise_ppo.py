@@ -127,6 +127,9 @@ class Args:
     """evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation"""
     num_eval_envs: int = 10
     """parallel evaluation environments (per rank)"""
+    sim_backend: str = "auto"
+    """ManiSkill simulator: "physx_cuda" (all envs in one GPU simulation), "physx_cpu" (CPU envs in env_workers
+    processes; the policy still runs on the GPU if there is one), "auto": physx_cuda when CUDA is available"""
     env_workers: int | None = None
     """CPU simulator only: processes that step the envs (default: one per core, divided among torchrun ranks; 1 keeps
     them in this process)"""
@@ -207,8 +210,11 @@ def cpu_env_worker(pipe, env_id, num_envs, kw, ignore_terminations):
     """Subprocess loop: owns a SyncVectorEnv and answers ("reset", seeds), ("step", actions), ("call", name)."""
     torch.set_num_threads(1)
     env = cpu_vector_env(env_id, num_envs, kw, ignore_terminations)
-    for cmd, arg in iter(pipe.recv, None):
-        pipe.send(env.reset(seed=arg) if cmd == "reset" else env.step(arg) if cmd == "step" else env.call(arg))
+    try:
+        for cmd, arg in iter(pipe.recv, None):
+            pipe.send(env.reset(seed=arg) if cmd == "reset" else env.step(arg) if cmd == "step" else env.call(arg))
+    except EOFError:  # the parent dropped its envs without close() (an error, or exit): nobody is left to answer
+        pass
     env.close()
 
 
@@ -275,18 +281,27 @@ class ProcessVectorEnv:
 
 
 class ManiSkillEnvs:
-    """N ManiSkill envs as one batch of torch tensors: the GPU simulator (physx_cuda) when CUDA is available,
+    """N ManiSkill envs as one batch of torch tensors: the GPU simulator (physx_cuda) when `gpu_sim`,
     otherwise SyncVectorEnvs of CPU envs in `workers` processes. Both auto-reset in the same step and return the
     finished episode's last observation and metrics in `info`, so the rest of the script sees one interface."""
 
     def __init__(self, env_id, num_envs, obs_mode, control_mode, max_steps, ignore_terminations, device,
-                 reward_mode="normalized_dense", workers=1):
+                 reward_mode="normalized_dense", workers=1, gpu_sim=False):
         import mani_skill.envs  # noqa: F401  (registers the tasks)
         kw = dict(obs_mode=obs_mode, control_mode=control_mode, max_episode_steps=max_steps,
                   reward_mode=reward_mode, render_mode="rgb_array")
-        self.device, self.num_envs, self.gpu = device, num_envs, device.type == "cuda"
+        self.device, self.num_envs, self.gpu = device, num_envs, gpu_sim
         if self.gpu:
+            import sapien
             from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+            try:  # SAPIEN downloads its PhysX GPU library from GitHub on first use: fails offline
+                sapien.physx.enable_gpu()
+            except Exception as e:
+                raise RuntimeError(
+                    f"ManiSkill's GPU simulator could not start ({type(e).__name__}: {e}). SAPIEN fetches "
+                    f"libPhysXGpu_64.so into ~/.sapien/physx/{sapien.physx.version()}/ on first use; offline, copy it "
+                    "there from a machine that has it, or pass --sim-backend physx_cpu (CPU envs in worker "
+                    "processes, the policy stays on the GPU)") from e
             if device.index is not None:  # this rank's GPU under torchrun
                 kw.update(sim_backend=f"physx_cuda:{device.index}", render_backend=f"sapien_cuda:{device.index}")
             env = gym.make(env_id, num_envs=num_envs, **{"sim_backend": "physx_cuda", **kw})
@@ -450,8 +465,13 @@ def make_envs(args, num_envs: int, ignore_terminations: bool, device):
         return LiberoEnvs(env_id, args.task_ids, num_envs, LIBERO_MAX_STEPS[env_id], ignore_terminations, device)
     world = dist.get_world_size() if dist.is_initialized() else 1  # torchrun ranks share the cores
     workers = args.env_workers or max(1, (os.cpu_count() or 1) // world)
+    if args.sim_backend not in ("auto", "physx_cuda", "physx_cpu"):
+        raise ValueError(f"--sim-backend {args.sim_backend!r}: choose auto, physx_cuda or physx_cpu")
+    if args.sim_backend == "physx_cuda" and device.type != "cuda":
+        raise ValueError("--sim-backend physx_cuda needs a CUDA GPU; none is visible (use physx_cpu or auto)")
+    gpu_sim = args.sim_backend == "physx_cuda" or (args.sim_backend == "auto" and device.type == "cuda")
     return ManiSkillEnvs(env_id, num_envs, args.obs_mode, args.control_mode, args.max_episode_steps,
-                         ignore_terminations, device, args.reward_mode, workers)
+                         ignore_terminations, device, args.reward_mode, workers, gpu_sim)
 
 
 # ================================================================================================ Flow-Noise
@@ -722,7 +742,7 @@ def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     for i, k in enumerate(EPISODE_KEYS):
         if episodes.get(k):
             v = torch.cat(episodes[k]).double()
-            sums[i] = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64)])
+            sums[i] = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)])
     sums = all_reduce(sums)
     return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
 
@@ -923,7 +943,7 @@ def main(args: Args):
         b_images = b(obs_images) if images_on else None
         b_logp, b_adv, b_ret, b_val = b(logprobs), b(advantages), b(returns), b(values)
         # advantages normalised over all ranks' decisions: sum, sum of squares, count
-        s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), torch.tensor(float(b_adv.numel()))])
+        s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), torch.tensor(float(b_adv.numel()), device=b_adv.device)])
                               .double()).tolist()
         b_adv = (b_adv - s / n) / (math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)) + 1e-8)
         stats = {}

@@ -33,26 +33,30 @@ def main(argv=None):
     p.add_argument("--action-chunk", type=int, default=5)
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--no-grad-checkpointing", action="store_true")
+    p.add_argument("--sim-backend", default="auto", help="flow_sde_ppo's --sim-backend: physx_cpu steps CPU envs in "
+                   "worker processes (SAPIEN's PhysX GPU library is a download that an offline GPU machine lacks)")
     p.add_argument("--out", default="runs/bench_scale")
     cli = p.parse_args(argv)
     out = Path(cli.out)
 
     # A random-init policy saved as an SFT checkpoint, so the script runs exactly as a user runs it.
     torch.manual_seed(0)
-    policy = vla.build(cli.preset, ACTION_DIM, STATE_DIM)
+    gpu = torch.cuda.is_available()
+    with torch.device("cuda" if gpu else "cpu"):  # a 3B random init takes minutes on CPU, seconds on a GPU
+        policy = vla.build(cli.preset, ACTION_DIM, STATE_DIM)
     rng = np.random.default_rng(0)
     norm = vla.Normalizer.from_data(rng.normal(size=(256, STATE_DIM)), rng.uniform(-1, 1, (256, ACTION_DIM)),
                                     policy.config.norm_mode)
-    vla.save_checkpoint(out / "sft", policy.to(torch.bfloat16), norm, meta={
+    vla.save_checkpoint(out / "sft", policy.to("cpu", torch.bfloat16), norm, meta={
         "obs_mode": "rgb", "control_mode": "pd_ee_delta_pose", "action_chunk": cli.action_chunk})
     del policy
 
     args = replace(flow_sde_ppo.Args(), checkpoint=str(out / "sft"), output_dir=str(out / "run"),
                    num_envs=cli.num_envs, num_steps=cli.num_steps, max_episode_steps=cli.max_episode_steps,
                    total_iterations=1, critic_warmup_iters=0, eval_episodes=0, save_every=10**9,
-                   micro_batch_size=cli.micro_batch_size, grad_checkpointing=not cli.no_grad_checkpointing)
+                   micro_batch_size=cli.micro_batch_size, grad_checkpointing=not cli.no_grad_checkpointing,
+                   sim_backend=cli.sim_backend)
     (out / "run" / "metrics.jsonl").unlink(missing_ok=True)
-    gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -63,8 +67,8 @@ def main(argv=None):
     peak = (f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB GPU (allocated), "
             f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved" if gpu else
             f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB CPU (max RSS)")
-    print(f"\n{cli.preset} preset, PickCube rgb, {cli.num_envs} envs x {cli.num_steps} decisions x "
-          f"{cli.action_chunk} actions, micro-batch {cli.micro_batch_size}, grad checkpointing "
+    print(f"\n{cli.preset} preset, PickCube rgb ({cli.sim_backend} simulator), {cli.num_envs} envs x "
+          f"{cli.num_steps} decisions x {cli.action_chunk} actions, micro-batch {cli.micro_batch_size}, grad checkpointing "
           f"{not cli.no_grad_checkpointing}, on {device}")
     print(f"peak memory    {peak}")
     print(f"rollout        {row['rollout_sps']:.0f} env steps/s ({row['rollout_time']:.1f} s)")

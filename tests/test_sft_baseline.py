@@ -164,6 +164,27 @@ def test_concat_envs_fills_keys_a_worker_left_out(module):
     assert info["final_info"]["episode"]["_return"].tolist() == [True, False, False]
 
 
+@pytest.mark.parametrize("module", SCRIPTS)
+def test_sim_backend_errors_name_the_fix(module, monkeypatch):
+    """A bad --sim-backend, physx_cuda without CUDA, and a GPU simulator whose PhysX library cannot be fetched
+    (SAPIEN downloads it on first use) each fail with a message that names --sim-backend physx_cpu."""
+    import sapien
+
+    m = importlib.import_module(module)
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="choose auto, physx_cuda or physx_cpu"):
+        m.make_envs(replace(m.Args(), sim_backend="gpu"), 2, True, cpu)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        m.make_envs(replace(m.Args(), sim_backend="physx_cuda"), 2, True, cpu)
+
+    def offline():
+        raise ConnectionError("Failed to resolve 'github.com'")
+
+    monkeypatch.setattr(sapien.physx, "enable_gpu", offline)
+    with pytest.raises(RuntimeError, match=r"libPhysXGpu_64\.so.*--sim-backend physx_cpu"):
+        m.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, 10, True, cpu, gpu_sim=True)
+
+
 def test_end_to_end_smoke_and_resume(tmp_path, maniskill_demos):
     args = small_args(tmp_path, demo_path=str(maniskill_demos))
     metrics, _ = sft.main(args)
