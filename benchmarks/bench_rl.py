@@ -3,7 +3,8 @@ rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE upd
 
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo sde_a05] [--minutes 30] [--eval-every 15]
      [--plot-only]
-(sde_a05: Flow-SDE PPO at the paper's noise level 0.5, for comparison with the default 0.8; sde_1proc, grpo_1proc:
+(sde_a05: Flow-SDE PPO at the paper's noise level 0.5, for comparison with the default 0.8; sde64: Flow-SDE PPO at
+64 envs and 8 minibatches; grpo16: GRPO at its pre-fifth-session 16 envs and 4 minibatches; sde_1proc, grpo16_1proc:
 all envs in one process, --env-workers 1)
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
@@ -23,12 +24,14 @@ import flow_noise_ppo
 import flow_sde_ppo
 
 SCRIPTS = {"sde": flow_sde_ppo, "noise": flow_noise_ppo, "grpo": flow_grpo, "sde_a05": flow_sde_ppo,
-           "sde_1proc": flow_sde_ppo, "grpo_1proc": flow_grpo}
+           "sde_1proc": flow_sde_ppo, "grpo16_1proc": flow_grpo, "grpo16": flow_grpo, "sde64": flow_sde_ppo}
+GRPO16 = dict(num_envs=16, num_minibatches=4)  # GRPO's default before the fifth session
 OVERRIDES = {"sde_a05": dict(noise_level=0.5),  # the paper's default noise level, against our 0.8
-             "sde_1proc": dict(env_workers=1), "grpo_1proc": dict(env_workers=1)}  # all envs in one process: one core
-LABELS = {"sde": "Flow-SDE PPO", "noise": "Flow-Noise PPO", "grpo": "GRPO (Flow-SDE)",
+             "sde_1proc": dict(env_workers=1), "grpo16_1proc": dict(env_workers=1, **GRPO16),  # one process: one core
+             "grpo16": GRPO16, "sde64": dict(num_envs=64, num_minibatches=8)}
+LABELS = {"sde": "Flow-SDE PPO", "noise": "Flow-Noise PPO", "grpo": "GRPO (Flow-SDE), 64 envs",
           "sde_a05": "Flow-SDE PPO, a = 0.5 (paper's default)", "sde_1proc": "Flow-SDE PPO, envs in one process",
-          "grpo_1proc": "GRPO, envs in one process"}
+          "grpo16": "GRPO, 16 envs", "grpo16_1proc": "GRPO, 16 envs in one process", "sde64": "Flow-SDE PPO, 64 envs"}
 OUT = Path("runs/bench_rl")
 
 
@@ -97,14 +100,14 @@ def main():
     raw = raw_env_sps(n)  # the scripts' default: one env worker process per core
     one = raw_env_sps(n, env_workers=1)
     print(f"\nraw env steps/s, {n} CPU envs, zero-cost policy: {raw:.0f} (all in one process: {one:.0f})")
-    print(f"{'algo':>6} {'eval before':>12} {'eval after':>11} {'best':>6} {'env steps':>10} {'train min':>10} "
+    print(f"{'algo':>12} {'eval before':>12} {'eval after':>11} {'best':>6} {'env steps':>10} {'train min':>10} "
           f"{'rollout sps':>12} {'ratio':>6} {'update s':>9}")
     upd = {}
     for algo in cli.algos:
         tr, ev = read(algo)
         sps = float(np.mean([r["rollout_sps"] for r in tr]))
         upd[algo] = float(np.median([r["update_time"] for r in tr]))
-        print(f"{algo:>6} {ev[0]['eval/success_once']:>12.2f} {ev[-1]['eval/success_once']:>11.2f} "
+        print(f"{algo:>12} {ev[0]['eval/success_once']:>12.2f} {ev[-1]['eval/success_once']:>11.2f} "
               f"{max(r['eval/success_once'] for r in ev):>6.2f} {tr[-1]['global_step']:>10} "
               f"{tr[-1]['train_time'] / 60:>10.1f} {sps:>12.0f} {sps / raw:>6.2f} {upd[algo]:>9.2f}")
     if "sde" in upd and "noise" in upd:
