@@ -742,7 +742,7 @@ def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     for i, k in enumerate(EPISODE_KEYS):
         if episodes.get(k):
             v = torch.cat(episodes[k]).double()
-            sums[i] = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)])
+            sums[i] = torch.stack([v.sum(), v.new_tensor(float(v.numel()))])
     sums = all_reduce(sums)
     return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
 
@@ -943,7 +943,7 @@ def main(args: Args):
         b_images = b(obs_images) if images_on else None
         b_logp, b_adv, b_ret, b_val = b(logprobs), b(advantages), b(returns), b(values)
         # advantages normalised over all ranks' decisions: sum, sum of squares, count
-        s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), torch.tensor(float(b_adv.numel()), device=b_adv.device)])
+        s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), b_adv.new_tensor(float(b_adv.numel()))])
                               .double()).tolist()
         b_adv = (b_adv - s / n) / (math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)) + 1e-8)
         stats = {}

@@ -644,7 +644,7 @@ def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     for i, k in enumerate(EPISODE_KEYS):
         if episodes.get(k):
             v = torch.cat(episodes[k]).double()
-            sums[i] = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)])
+            sums[i] = torch.stack([v.sum(), v.new_tensor(float(v.numel()))])
     sums = all_reduce(sums)
     return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
 
