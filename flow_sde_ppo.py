@@ -52,9 +52,10 @@ class Args:
     ending the episode there would make early success cost the rest of the episode's reward"""
     max_episode_steps: int = 80
     """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
-    num_envs: int = 16
+    num_envs: int = 64
     """parallel training environments in all (the paper uses 320 on a GPU); under torchrun each rank runs
-    num_envs / world size of them"""
+    num_envs / world size of them. On CPU PickCube 64 envs with 8 minibatches beat 16 with 4 after 30 minutes
+    (82% / 69% against 36% / 71%; see the README)"""
     num_steps: int = 10
     """decision points (action chunks) per environment per iteration (10 x 8 actions = one 80-step episode)"""
     total_iterations: int = 200
@@ -67,7 +68,7 @@ class Args:
     """K: denoising steps, in rollouts and evaluation"""
     noise_level: float = 0.8
     """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise (the paper's default is 0.5, its ablation's best 0.8; on CPU
-    PickCube 0.5 and 0.8 tied (70% / 71%) after 30 minutes of Flow-SDE PPO: see the README's Choices)"""
+    PickCube Flow-SDE PPO ended 30 minutes at 70% / 71% with 16 envs, 57% / 69% with 64: see the README's Choices)"""
     ratio_level: str = "chunk"
     """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim)"""
     critic_input: str = "expert_state"
@@ -84,8 +85,9 @@ class Args:
     """GAE lambda"""
     update_epochs: int = 4
     """PPO epochs per iteration"""
-    num_minibatches: int = 4
-    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged)"""
+    num_minibatches: int = 8
+    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 80
+    decisions at 64 envs"""
     micro_batch_size: int | None = None
     """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
     for time, e.g. 32 for pi0 at 320 envs on one 80 GB GPU (default: the whole minibatch at once)"""

@@ -1,11 +1,10 @@
 """RL benchmark on CPU: learning curves of the RL scripts from one SFT checkpoint (plotted on shared axes),
 rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE update-cost ratio.
 
-Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo sde_a05] [--minutes 30] [--eval-every 15]
-     [--plot-only]
-(sde_a05: Flow-SDE PPO at the paper's noise level 0.5, for comparison with the default 0.8; sde64: Flow-SDE PPO at
-64 envs and 8 minibatches; grpo16: GRPO at its pre-fifth-session 16 envs and 4 minibatches; sde_1proc, grpo16_1proc:
-all envs in one process, --env-workers 1)
+Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
+"sde", "noise", "grpo" are the scripts' defaults (64 envs); the other entries of RUNS rerun earlier tables' settings:
+16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all envs in
+one process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -23,15 +22,20 @@ import flow_grpo
 import flow_noise_ppo
 import flow_sde_ppo
 
-SCRIPTS = {"sde": flow_sde_ppo, "noise": flow_noise_ppo, "grpo": flow_grpo, "sde_a05": flow_sde_ppo,
-           "sde_1proc": flow_sde_ppo, "grpo16_1proc": flow_grpo, "grpo16": flow_grpo, "sde64": flow_sde_ppo}
-GRPO16 = dict(num_envs=16, num_minibatches=4)  # GRPO's default before the fifth session
-OVERRIDES = {"sde_a05": dict(noise_level=0.5),  # the paper's default noise level, against our 0.8
-             "sde_1proc": dict(env_workers=1), "grpo16_1proc": dict(env_workers=1, **GRPO16),  # one process: one core
-             "grpo16": GRPO16, "sde64": dict(num_envs=64, num_minibatches=8)}
-LABELS = {"sde": "Flow-SDE PPO", "noise": "Flow-Noise PPO", "grpo": "GRPO (Flow-SDE), 64 envs",
-          "sde_a05": "Flow-SDE PPO, a = 0.5 (paper's default)", "sde_1proc": "Flow-SDE PPO, envs in one process",
-          "grpo16": "GRPO, 16 envs", "grpo16_1proc": "GRPO, 16 envs in one process", "sde64": "Flow-SDE PPO, 64 envs"}
+SIXTEEN = dict(num_envs=16, num_minibatches=4)
+ONE_PROC = dict(env_workers=1)  # every env in the script's own process: one core
+RUNS = {  # name: (script, changes to its defaults, plot label)
+    "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
+    "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
+    "grpo": (flow_grpo, {}, "GRPO (Flow-SDE)"),
+    "sde16": (flow_sde_ppo, SIXTEEN, "Flow-SDE PPO, 16 envs"),
+    "grpo16": (flow_grpo, SIXTEEN, "GRPO, 16 envs"),
+    "sde16_1proc": (flow_sde_ppo, SIXTEEN | ONE_PROC, "Flow-SDE PPO, 16 envs in one process"),
+    "noise16_1proc": (flow_noise_ppo, SIXTEEN | ONE_PROC, "Flow-Noise PPO, 16 envs in one process"),
+    "grpo16_1proc": (flow_grpo, SIXTEEN | ONE_PROC, "GRPO, 16 envs in one process"),
+    "sde16_a05_1proc": (flow_sde_ppo, SIXTEEN | ONE_PROC | dict(noise_level=0.5),
+                        "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
+}
 OUT = Path("runs/bench_rl")
 
 
@@ -63,7 +67,7 @@ def plot(algos):
         x_steps = [r["global_step"] / 1e3 for r in ev]
         x_min = [r["train_time"] / 60 for r in ev]
         y = [100 * r["eval/success_once"] for r in ev]
-        style = dict(marker="o", label=LABELS[algo], linestyle="--" if algo in OVERRIDES else "-")
+        style = dict(marker="o", label=RUNS[algo][2], linestyle="--" if RUNS[algo][1] else "-")
         axes[0].plot(x_steps, y, **style)
         axes[1].plot(x_min, y, **style)
     axes[0].set_xlabel("env steps (thousands)")
@@ -82,16 +86,16 @@ def plot(algos):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--algos", nargs="+", default=["sde", "noise", "grpo"], choices=list(SCRIPTS))
+    p.add_argument("--algos", nargs="+", default=["sde", "noise", "grpo"], choices=list(RUNS))
     p.add_argument("--minutes", type=float, default=30.0)
-    p.add_argument("--eval-every", type=int, default=15, help="iterations between evaluations (100 episodes each)")
+    p.add_argument("--eval-every", type=int, default=16, help="iterations between evaluations (100 episodes each)")
     p.add_argument("--plot-only", action="store_true")
     cli = p.parse_args()
     if not cli.plot_only:
         for algo in cli.algos:
-            mod = SCRIPTS[algo]
+            mod, changes, _ = RUNS[algo]
             args = replace(mod.Args(), time_budget_min=cli.minutes, total_iterations=10_000,
-                           eval_every=cli.eval_every, output_dir=str(OUT / algo), **OVERRIDES.get(algo, {}))
+                           eval_every=cli.eval_every, output_dir=str(OUT / algo), **changes)
             shutil.rmtree(OUT / algo, ignore_errors=True)  # metrics.jsonl appends: start clean
             t0 = time.time()
             mod.main(args)
