@@ -68,8 +68,9 @@ class Args:
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
     noise_level: float = 0.8
-    """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise (the paper's default is 0.5, its ablation's best 0.8; on CPU
-    PickCube Flow-SDE PPO ended 30 minutes at 70% / 71% with 16 envs, 57% / 69% with 64; GRPO ran with 0.8 only)"""
+    """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise (the paper's default is 0.5, its ablation's best 0.8).
+    On CPU PickCube, Flow-SDE PPO with a = 0.5 / 0.8 ended 30 minutes at 70% / 71% (16 envs), 57% / 69% (64);
+    GRPO ran with 0.8 only"""
     ratio_level: str = "chunk"
     """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim)"""
     update_epochs: int = 2
