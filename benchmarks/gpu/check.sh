@@ -2,9 +2,11 @@
 # The GPU checks, as one command on an offline GPU machine (Python 3.12 + CUDA torch), after benchmarks/gpu/pack.sh
 # packed .dev/ here; carry .dev and runs/sft/PickCube-v1/checkpoint. Stages: versions and one CPU env; the README's
 # command as is (physx_cuda); pi0 size at 320 rgb envs (benchmarks/bench_scale.py); tiny Flow-SDE PPO at 320 envs
-# from the SFT checkpoint with whatever time is left of BUDGET_S seconds. Output also goes to $OUT/log.txt.
+# from the SFT checkpoint with whatever time is left of BUDGET_S seconds; one iteration each of tiny Flow-Noise PPO
+# and GRPO at 320 envs, and a short SFT from the 20 demos pack.sh copies. STAGES picks and orders them (default
+# "1 2 3 4"). Output also goes to $OUT/log.txt.
 set -u
-T0=$(date +%s); BUDGET_S=${BUDGET_S:-430}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s); BUDGET_S=${BUDGET_S:-430}; STAGES=${STAGES:-1 2 3 4}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 el() { echo $(( $(date +%s) - T0 )); }
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -18,6 +20,7 @@ ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json; [ -f $ICD ] && export 
 mkdir -p /tmp/site && tar -C /tmp/site -xJf .dev/site.tar.xz
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+s1() {
 echo "== 1: versions, one CPU env ($(el) s)"
 timeout 90 python3 - <<'PY'
 import os, time, torch, numpy, transformers, sapien, mani_skill, gymnasium as gym
@@ -32,12 +35,19 @@ for _ in range(200):
     env.step(env.action_space.sample())
 print(f"one physx_cpu env: {200 / (time.time() - t):.0f} steps/s (random actions); frame {tuple(env.render().shape)}")
 PY
+}
+s2() {
 echo "== 2: the README command as is (physx_cuda) ($(el) s)"
 timeout 60 python3 flow_sde_ppo.py --env-id PickCube --num-envs 320 --total-iterations 1 --eval-episodes 0 \
   --output-dir /tmp/r0 2>&1 | grep -v "it/s" | tail -3
+}
+s3() {
 echo "== 3: pi0 size, 320 rgb envs ($(el) s)"
 timeout ${SCALE_S:-200} python3 benchmarks/bench_scale.py --sim-backend physx_cpu --num-steps 2 --max-episode-steps 10 \
-  --out /tmp/bs 2>&1 | grep -v "it/s" | tail -8
+  --num-envs ${SCALE_ENVS:-320} \
+  --out /tmp/bs 2>&1 | grep -v "it/s\|WARN" | tail -25
+}
+s4() {
 echo "== 4: tiny Flow-SDE PPO, 320 envs, from the SFT checkpoint ($(el) s)"
 LEFT=$(( BUDGET_S - $(el) ))
 MIN=$(python3 -c "print(max(0.5, round(($LEFT - 75) / 60, 2)))")
@@ -45,4 +55,18 @@ timeout $LEFT python3 flow_sde_ppo.py --env-id PickCube --num-envs 320 --sim-bac
   --total-iterations 100000 --eval-every 3 --num-eval-envs 100 --save-every 100000 --output-dir /tmp/sde320 2>&1 \
   | grep -v "it/s" | tail -6
 cp /tmp/sde320/metrics.jsonl "$OUT/sde320_metrics.jsonl" 2>/dev/null
+}
+s5() {
+echo "== 5: tiny Flow-Noise PPO and GRPO at 320 envs, one iteration each with the actor training; SFT ($(el) s)"
+for s in "flow_noise_ppo --critic-warmup-iters 0" flow_grpo; do
+  n=${s%% *}
+  timeout ${S5_S:-100} python3 $n.py ${s#$n} --env-id PickCube --num-envs ${NENV:-320} --sim-backend physx_cpu --total-iterations 1 \
+    --eval-episodes 0 --output-dir /tmp/$n 2>&1 | grep -v "it/s" | tail -3
+  cp /tmp/$n/metrics.jsonl "$OUT/${n}_metrics.jsonl" 2>/dev/null
+done
+timeout ${S5_S:-100} python3 sft_baseline.py --demo-path .dev/demos/mp20.h5 --num-demos 20 --train-steps 2000 \
+  --sim-backend physx_cpu --eval-episodes 100 --num-eval-envs 50 --output-dir /tmp/sft 2>&1 | grep -v "it/s" | tail -3
+cp /tmp/sft/metrics.jsonl "$OUT/sft_metrics.jsonl" 2>/dev/null
+}
+for st in $STAGES; do s$st; done
 echo "== done ($(el) s)"; sleep 1

@@ -2,7 +2,8 @@
 # Packs what an offline GPU machine with Python 3.12 and torch (but no ManiSkill) needs to run the scripts, into
 # .dev/ (git-ignored through .git/info/exclude): the pinned mani-skill / sapien / transformers and their small
 # dependencies as one site-packages tarball (about 55 MB: the robots other than the Panda, environment maps and
-# headers are left out to fit a 64 MiB transfer), and the Vulkan/GL loader packages SAPIEN's renderer needs.
+# headers are left out to fit a 64 MiB transfer), the Vulkan/GL loader packages SAPIEN's renderer needs, and the
+# first 20 of the PickCube demos the main job generated (all 200 do not fit beside the rest).
 # Run here (needs pip's registries and apt); then, on the GPU machine, benchmarks/gpu/check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,4 +36,16 @@ apt-get $o update >/dev/null 2>&1
 (cd .dev/gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2 \
   libx11-6 libxcb1 libxau6 libxdmcp6 libbsd0 libmd0 libx11-data 2>/dev/null)
 rm -rf "$W"
-du -sh .dev/site.tar.xz .dev/gl
+mkdir -p .dev/demos
+.venv/bin/python - <<'PY'
+import json
+import h5py
+src = "demos/PickCube-v1/motionplanning/mp200.state.pd_ee_delta_pose.physx_cpu"
+meta = json.load(open(src + ".json"))
+meta["episodes"] = meta["episodes"][:20]
+with h5py.File(src + ".h5") as f, h5py.File(".dev/demos/mp20.h5", "w") as g:
+    for ep in meta["episodes"]:
+        f.copy(f"traj_{ep['episode_id']}", g)
+json.dump(meta, open(".dev/demos/mp20.json", "w"))
+PY
+du -sh .dev/site.tar.xz .dev/gl .dev/demos
