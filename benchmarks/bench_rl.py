@@ -28,6 +28,7 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
     "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
     "grpo": (flow_grpo, {}, "GRPO (Flow-SDE)"),
+    "grpo_seed2": (flow_grpo, dict(seed=2), "GRPO, seed 2"),
     "sde16": (flow_sde_ppo, SIXTEEN, "Flow-SDE PPO, 16 envs"),
     "grpo16": (flow_grpo, SIXTEEN, "GRPO, 16 envs"),
     "sde16_1proc": (flow_sde_ppo, SIXTEEN | ONE_PROC, "Flow-SDE PPO, 16 envs in one process"),
@@ -67,7 +68,7 @@ def plot(algos):
         x_steps = [r["global_step"] / 1e3 for r in ev]
         x_min = [r["train_time"] / 60 for r in ev]
         y = [100 * r["eval/success_once"] for r in ev]
-        style = dict(marker="o", label=RUNS[algo][2], linestyle="--" if RUNS[algo][1] else "-")
+        style = dict(marker="o", label=RUNS[algo][2], linestyle="--" if set(RUNS[algo][1]) - {"seed"} else "-")
         axes[0].plot(x_steps, y, **style)
         axes[1].plot(x_min, y, **style)
     axes[0].set_xlabel("env steps (thousands)")
