@@ -4,7 +4,8 @@
 # command as is (physx_cuda); pi0 size at 320 rgb envs (benchmarks/bench_scale.py); tiny Flow-SDE PPO at 320 envs
 # from the SFT checkpoint with whatever time is left of BUDGET_S seconds; one iteration each of tiny Flow-Noise PPO
 # and GRPO at 320 envs, and a short SFT from the 20 demos pack.sh copies. STAGES picks and orders them (default
-# "1 2 3 4"). Output also goes to $OUT/log.txt.
+# "1 2 3 4"); SCALE_S / SCALE_ENVS set stage 3's time limit and envs, S5_S / NENV stage 5's per run. Output also
+# goes to $OUT/log.txt.
 set -u
 T0=$(date +%s); BUDGET_S=${BUDGET_S:-430}; STAGES=${STAGES:-1 2 3 4}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 el() { echo $(( $(date +%s) - T0 )); }
@@ -60,8 +61,8 @@ s5() {
 echo "== 5: tiny Flow-Noise PPO and GRPO at 320 envs, one iteration each with the actor training; SFT ($(el) s)"
 for s in "flow_noise_ppo --critic-warmup-iters 0" flow_grpo; do
   n=${s%% *}
-  timeout ${S5_S:-100} python3 $n.py ${s#$n} --env-id PickCube --num-envs ${NENV:-320} --sim-backend physx_cpu --total-iterations 1 \
-    --eval-episodes 0 --output-dir /tmp/$n 2>&1 | grep -v "it/s" | tail -3
+  timeout ${S5_S:-100} python3 $n.py ${s#$n} --env-id PickCube --num-envs ${NENV:-320} --sim-backend physx_cpu \
+    --total-iterations 1 --eval-episodes 0 --output-dir /tmp/$n 2>&1 | grep -v "it/s" | tail -3
   cp /tmp/$n/metrics.jsonl "$OUT/${n}_metrics.jsonl" 2>/dev/null
 done
 timeout ${S5_S:-100} python3 sft_baseline.py --demo-path .dev/demos/mp20.h5 --num-demos 20 --train-steps 2000 \
