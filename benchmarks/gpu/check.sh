@@ -59,12 +59,13 @@ cp /tmp/sde320/metrics.jsonl "$OUT/sde320_metrics.jsonl" 2>/dev/null
 }
 s5() {
 echo "== 5: tiny Flow-Noise PPO and GRPO at 320 envs, one iteration each with the actor training; SFT ($(el) s)"
-for s in "flow_noise_ppo --critic-warmup-iters 0" flow_grpo; do
-  n=${s%% *}
-  timeout ${S5_S:-100} python3 $n.py ${s#$n} --env-id PickCube --num-envs ${NENV:-320} --sim-backend physx_cpu \
-    --total-iterations 1 --eval-episodes 0 --output-dir /tmp/$n 2>&1 | grep -v "it/s" | tail -3
-  cp /tmp/$n/metrics.jsonl "$OUT/${n}_metrics.jsonl" 2>/dev/null
-done
+rl() {  # script, then its own options
+  timeout ${S5_S:-100} python3 $1.py "${@:2}" --env-id PickCube --num-envs ${NENV:-320} --sim-backend physx_cpu \
+    --total-iterations 1 --eval-episodes 0 --output-dir /tmp/$1 2>&1 | grep -v "it/s" | tail -3
+  cp /tmp/$1/metrics.jsonl "$OUT/$1_metrics.jsonl" 2>/dev/null
+}
+rl flow_noise_ppo --critic-warmup-iters 0
+rl flow_grpo
 timeout ${S5_S:-100} python3 sft_baseline.py --demo-path .dev/demos/mp20.h5 --num-demos 20 --train-steps 2000 \
   --sim-backend physx_cpu --eval-episodes 100 --num-eval-envs 50 --output-dir /tmp/sft 2>&1 | grep -v "it/s" | tail -3
 cp /tmp/sft/metrics.jsonl "$OUT/sft_metrics.jsonl" 2>/dev/null
