@@ -1,7 +1,9 @@
 """Real sizes on one GPU: one full Flow-SDE PPO iteration of a random-init pi0 policy (no weights can be
 downloaded) on rgb observations at 320 ManiSkill GPU envs. Prints peak GPU memory, rollout env steps/s and the
 update time. The frozen VLM runs in bfloat16 (flow_sde_ppo's default on a GPU); the update is micro-batched and
-gradient-checkpointed in the expert.
+gradient-checkpointed in the expert. By default the policy is handed to the script in memory and the script's
+checkpoint writes are skipped (about 10 GB at pi0 size, minutes of a short device lease; the tests cover
+checkpoint IO); --checkpoint-io saves it as an SFT checkpoint that the script loads and overwrites, as a user's run.
 
 Run (GPU):  .venv/bin/python benchmarks/bench_scale.py
 Run (CPU, the same code path at the tiny size):
@@ -9,11 +11,13 @@ Run (CPU, the same code path at the tiny size):
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import time
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -36,21 +40,28 @@ def main(argv=None):
     p.add_argument("--no-grad-checkpointing", action="store_true")
     p.add_argument("--sim-backend", default="auto", help="flow_sde_ppo's --sim-backend: physx_cpu steps CPU envs in "
                    "worker processes (SAPIEN's PhysX GPU library is a download that an offline GPU machine lacks)")
+    p.add_argument("--checkpoint-io", action="store_true", help="go through an SFT checkpoint on disk and let the "
+                   "script write its own at the end (default: in memory, no checkpoint writes)")
     p.add_argument("--out", default="runs/bench_scale")
     cli = p.parse_args(argv)
     out = Path(cli.out)
 
-    # A random-init policy saved as an SFT checkpoint, so the script runs exactly as a user runs it.
     torch.manual_seed(0)
     gpu = torch.cuda.is_available()
-    with torch.device("cuda" if gpu else "cpu"):  # a 3B random init takes minutes on CPU, seconds on a GPU
+    t0 = time.time()
+    with torch.device("cuda" if gpu else "cpu"):  # a 3B random init takes about a minute on CPU, a second on a GPU
         policy = vla.build(cli.preset, ACTION_DIM, STATE_DIM)
     rng = np.random.default_rng(0)
     norm = vla.Normalizer.from_data(rng.normal(size=(256, STATE_DIM)), rng.uniform(-1, 1, (256, ACTION_DIM)),
                                     policy.config.norm_mode)
-    vla.save_checkpoint(out / "sft", policy.to("cpu", torch.bfloat16), norm, meta={
-        "obs_mode": "rgb", "control_mode": "pd_ee_delta_pose", "action_chunk": cli.action_chunk})
-    del policy
+    meta = {"obs_mode": "rgb", "control_mode": "pd_ee_delta_pose", "action_chunk": cli.action_chunk}
+    if cli.checkpoint_io:  # a random-init policy saved as an SFT checkpoint: the script runs as a user runs it
+        vla.save_checkpoint(out / "sft", policy.to("cpu", torch.bfloat16), norm, meta=meta)
+        del policy
+    else:
+        policy.freeze_vlm(dtype=torch.bfloat16 if gpu else None)  # before the peak-memory reset, as the script would
+        (out / "sft").mkdir(parents=True, exist_ok=True)
+    print(f"model built{' and saved' if cli.checkpoint_io else ''} in {time.time() - t0:.0f} s", flush=True)
 
     args = replace(flow_sde_ppo.Args(), checkpoint=str(out / "sft"), output_dir=str(out / "run"),
                    num_envs=cli.num_envs, num_steps=cli.num_steps, max_episode_steps=cli.max_episode_steps,
@@ -61,7 +72,12 @@ def main(argv=None):
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    flow_sde_ppo.main(args)
+    with contextlib.ExitStack() as in_memory:
+        if not cli.checkpoint_io:  # the script's load_checkpoint returns this policy, its save_checkpoint does nothing
+            handed_over = (policy, norm, {}, meta)
+            in_memory.enter_context(mock.patch.object(vla, "load_checkpoint", lambda *a, **k: handed_over))
+            in_memory.enter_context(mock.patch.object(vla, "save_checkpoint", lambda *a, **k: None))
+        flow_sde_ppo.main(args)
     wall = time.time() - t0
     row = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     device = torch.cuda.get_device_name() if gpu else "CPU"
@@ -74,7 +90,8 @@ def main(argv=None):
     print(f"peak memory    {peak}")
     print(f"rollout        {row['rollout_sps']:.0f} env steps/s ({row['rollout_time']:.1f} s)")
     print(f"update         {row['update_time']:.1f} s (4 epochs x {cli.num_minibatches} minibatches)")
-    print(f"iteration wall {wall:.0f} s including env creation and model loading")
+    print(f"iteration wall {wall:.0f} s including env creation" +
+          (", model loading and the final checkpoint" if cli.checkpoint_io else " (no checkpoint IO)"))
 
 
 if __name__ == "__main__":

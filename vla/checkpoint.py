@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers.initialization import no_init_weights
 
 from .model import VLAConfig, VLAPolicy, build
 from .normalize import Normalizer
@@ -99,7 +100,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     """Our checkpoint -> (policy, normalizer or None, extra tensors, meta)."""
     path = _need_dir(Path(path), "checkpoint")
     cfg = json.loads(_need_file(path / CONFIG, " (not a checkpoint written by save_checkpoint?)").read_text())
-    policy = VLAPolicy(VLAConfig(**cfg))
+    with no_init_weights():  # every weight is overwritten below (a missing key fails); pi0's random init: ~50 s on CPU
+        policy = VLAPolicy(VLAConfig(**cfg))
     tensors = _read_safetensors([_need_file(path / WEIGHTS)])
     own = set(policy.state_dict())
     load_state_checked(policy, {k: v for k, v in tensors.items() if k in own}, str(path / WEIGHTS))
@@ -133,7 +135,8 @@ def load_pretrained(path: str | Path, preset: str = "pi0", action_dim: int = 7, 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}")
-    policy = build(preset, action_dim, state_dim, **overrides)
+    with no_init_weights():  # as in load_checkpoint: every weight is overwritten
+        policy = build(preset, action_dim, state_dim, **overrides)
     load_state_checked(policy, openpi_to_ours(_read_safetensors(files)), str(path))
     stats = sorted(path.glob("norm_stats.json")) + sorted(path.glob("*/norm_stats.json")) + \
         sorted(path.glob("assets/*/norm_stats.json"))

@@ -4,8 +4,8 @@
 # command as is (physx_cuda); pi0 size at 320 rgb envs (benchmarks/bench_scale.py); tiny Flow-SDE PPO at 320 envs
 # from the SFT checkpoint with whatever time is left of BUDGET_S seconds; one iteration each of tiny Flow-Noise PPO
 # and GRPO at 320 envs, and a short SFT from the 20 demos pack.sh copies. STAGES picks and orders them (default
-# "1 2 3 4"); SCALE_S / SCALE_ENVS set stage 3's time limit and envs, S5_S / NENV stage 5's per run. Output also
-# goes to $OUT/log.txt.
+# "1 2 3 4"); SCALE_S / SCALE_ENVS / SCALE_STEPS set stage 3's time limit, envs and decisions per env, S5_S / NENV
+# stage 5's per run. Output also goes to $OUT/log.txt.
 set -u
 T0=$(date +%s); BUDGET_S=${BUDGET_S:-430}; STAGES=${STAGES:-1 2 3 4}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 el() { echo $(( $(date +%s) - T0 )); }
@@ -44,8 +44,8 @@ timeout 60 python3 flow_sde_ppo.py --env-id PickCube --num-envs 320 --total-iter
 }
 s3() {
 echo "== 3: pi0 size, 320 rgb envs ($(el) s)"
-timeout ${SCALE_S:-200} python3 benchmarks/bench_scale.py --sim-backend physx_cpu --num-steps 2 --max-episode-steps 10 \
-  --num-envs ${SCALE_ENVS:-320} \
+timeout ${SCALE_S:-200} python3 benchmarks/bench_scale.py --sim-backend physx_cpu --num-envs ${SCALE_ENVS:-320} \
+  --num-steps ${SCALE_STEPS:-2} --max-episode-steps $(( ${SCALE_STEPS:-2} * 5 )) \
   --out /tmp/bs 2>&1 | grep -v "it/s\|WARN" | tail -25
 }
 s4() {
