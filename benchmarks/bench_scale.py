@@ -3,7 +3,8 @@ downloaded) on rgb observations at 320 ManiSkill GPU envs. Prints peak GPU memor
 update time. The frozen VLM runs in bfloat16 (flow_sde_ppo's default on a GPU); the update is micro-batched and
 gradient-checkpointed in the expert. By default the policy is handed to the script in memory and the script's
 checkpoint writes are skipped (about 10 GB at pi0 size, minutes of a short device lease; the tests cover
-checkpoint IO); --checkpoint-io saves it as an SFT checkpoint that the script loads and overwrites, as a user's run.
+checkpoint IO); --checkpoint-io saves it as an SFT checkpoint for the script to load, and lets the script write its
+final checkpoint, as a user's run does.
 
 Run (GPU):  .venv/bin/python benchmarks/bench_scale.py
 Run (CPU, the same code path at the tiny size):
