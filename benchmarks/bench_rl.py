@@ -23,6 +23,7 @@ import flow_noise_ppo
 import flow_sde_ppo
 
 SIXTEEN = dict(num_envs=16, num_minibatches=4)
+SDE_CONST = dict(lr=1e-5, anneal_lr=False)  # Flow-SDE PPO's actor step before the ninth session
 ONE_PROC = dict(env_workers=1)  # every env in the script's own process: one core
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
@@ -30,14 +31,17 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "grpo": (flow_grpo, {}, "GRPO (Flow-SDE)"),
     "grpo_seed2": (flow_grpo, dict(seed=2), "GRPO, seed 2"),
     "sde_seed2": (flow_sde_ppo, dict(seed=2), "Flow-SDE PPO, seed 2"),
+    "sde_const": (flow_sde_ppo, SDE_CONST, "Flow-SDE PPO, constant lr 1e-5"),
+    "sde_const_seed2": (flow_sde_ppo, SDE_CONST | dict(seed=2), "Flow-SDE PPO, constant lr 1e-5, seed 2"),
     "noise_seed2": (flow_noise_ppo, dict(seed=2), "Flow-Noise PPO, seed 2"),
     "grpo_g4": (flow_grpo, dict(group_size=4), "GRPO, groups of 4"),
-    "sde16": (flow_sde_ppo, SIXTEEN, "Flow-SDE PPO, 16 envs"),
+    "grpo_anneal": (flow_grpo, dict(anneal_lr=True, lr=2e-5), "GRPO, lr 2e-5 annealed to 0"),
+    "sde16": (flow_sde_ppo, SIXTEEN | SDE_CONST, "Flow-SDE PPO, 16 envs"),
     "grpo16": (flow_grpo, SIXTEEN, "GRPO, 16 envs"),
-    "sde16_1proc": (flow_sde_ppo, SIXTEEN | ONE_PROC, "Flow-SDE PPO, 16 envs in one process"),
+    "sde16_1proc": (flow_sde_ppo, SIXTEEN | ONE_PROC | SDE_CONST, "Flow-SDE PPO, 16 envs in one process"),
     "noise16_1proc": (flow_noise_ppo, SIXTEEN | ONE_PROC, "Flow-Noise PPO, 16 envs in one process"),
     "grpo16_1proc": (flow_grpo, SIXTEEN | ONE_PROC, "GRPO, 16 envs in one process"),
-    "sde16_a05_1proc": (flow_sde_ppo, SIXTEEN | ONE_PROC | dict(noise_level=0.5),
+    "sde16_a05_1proc": (flow_sde_ppo, SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
 OUT = Path("runs/bench_rl")

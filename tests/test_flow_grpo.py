@@ -55,7 +55,7 @@ def test_ratio_one_on_first_epoch_and_kl_zero_at_start():
 
 def test_smoke_two_iterations_and_resume(tmp_path):
     write_sft_checkpoint(tmp_path)
-    args = small_rl_args(grpo, tmp_path, num_envs=4)
+    args = small_rl_args(grpo, tmp_path, num_envs=4, anneal_lr=True)
     grpo.main(args)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "rollout_time" in r]
@@ -63,6 +63,9 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     assert train[0]["train/episode_len"] <= 10
     grpo.main(replace(args, total_iterations=3, resume=True))
     assert vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]["iteration"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # no critic to warm up: the lr falls linearly from the first iteration towards 0 at the end of the resumed run
+    assert [r["lr"] for r in rows if "rollout_time" in r] == pytest.approx([args.lr, args.lr / 2, args.lr / 3])
 
 
 def test_bad_inputs(tmp_path):

@@ -85,13 +85,14 @@ def test_ratio_one_and_gradients(ratio_level):
 
 def test_smoke_two_iterations_and_resume(tmp_path):
     write_sft_checkpoint(tmp_path)
-    args = small_rl_args(fn, tmp_path)
+    args = small_rl_args(fn, tmp_path, anneal_lr=True)
     fn.main(args)
     policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
     assert meta["iteration"] == 2 and any(k.startswith("noise_head.") for k in extra)
     fn.main(replace(args, total_iterations=3, resume=True))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
+    assert [r["lr"] for r in rows if "pg_loss" in r] == pytest.approx([0.0, args.lr / 2, args.lr / 3])
     assert all(math.isfinite(r["entropy"]) for r in rows if "entropy" in r)
 
 

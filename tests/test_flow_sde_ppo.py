@@ -146,6 +146,7 @@ def test_gae_matches_reference_loop_with_truncation():
 def test_smoke_two_iterations_and_resume(tmp_path):
     write_sft_checkpoint(tmp_path)
     args = small_rl_args(sde, tmp_path)
+    assert args.anneal_lr  # the default
     sde.main(args)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "pg_loss" in r]
@@ -159,6 +160,8 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     assert meta["iteration"] == 3 and meta["global_step"] == 3 * 2 * 2 * 5
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
+    # critic warm-up, then the actor's lr falls linearly towards 0 at the end of the (resumed, longer) run
+    assert [r["lr"] for r in rows if "pg_loss" in r] == pytest.approx([0.0, args.lr / 2, args.lr / 3])
 
 
 def test_bad_inputs(tmp_path):

@@ -243,6 +243,26 @@ def test_openpi_and_lerobot_layouts_load(tmp_path, variant, layout):
     assert torch.equal(v0, v1)
 
 
+def test_loading_into_a_bfloat16_vlm_equals_casting_after_loading(tmp_path):
+    policy = tiny("pi0", seed=5)
+    vla.save_checkpoint(tmp_path / "ckpt", policy)
+    save_file(to_openpi(policy), tmp_path / "model.safetensors")
+    pairs = [(vla.load_checkpoint(tmp_path / "ckpt", vlm_dtype=torch.bfloat16)[0],
+              vla.load_checkpoint(tmp_path / "ckpt")[0]),
+             (vla.load_pretrained(tmp_path, "tiny", 7, 10, vlm_dtype=torch.bfloat16)[0],
+              vla.load_pretrained(tmp_path, "tiny", 7, 10)[0])]
+    for direct, cast in pairs:
+        cast.freeze_vlm(dtype=torch.bfloat16)  # what the RL scripts did before loading took a dtype
+        assert {p.dtype for p in direct.vlm.parameters()} == {torch.bfloat16}
+        assert direct.pi0.action_out_proj.weight.dtype == torch.float32
+        a, b = direct.state_dict(), cast.state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        assert all(x.dtype == y.dtype and torch.equal(x, y)
+                   for x, y in zip(direct.buffers(), cast.buffers(), strict=True))
+
+
 @pytest.mark.parametrize("mode", ["zscore", "quantile"])
 def test_normalize_roundtrip_and_formula(mode):
     rng = np.random.default_rng(0)

@@ -96,12 +96,15 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Our checkpoint -> (policy, normalizer or None, extra tensors, meta)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", vlm_dtype: torch.dtype | None = None):
+    """Our checkpoint -> (policy, normalizer or None, extra tensors, meta). vlm_dtype (e.g. torch.bfloat16) casts
+    the VLM before its weights are read in, so pi0's VLM never holds float32 weights (11.6 GB on the host)."""
     path = _need_dir(Path(path), "checkpoint")
     cfg = json.loads(_need_file(path / CONFIG, " (not a checkpoint written by save_checkpoint?)").read_text())
     with no_init_weights():  # every weight is overwritten below (a missing key fails); pi0's random init: ~50 s on CPU
         policy = VLAPolicy(VLAConfig(**cfg))
+    if vlm_dtype is not None:  # the uninitialised float32 pages were never written, so they never became resident
+        policy.vlm.to(vlm_dtype)
     tensors = _read_safetensors([_need_file(path / WEIGHTS)])
     own = set(policy.state_dict())
     load_state_checked(policy, {k: v for k, v in tensors.items() if k in own}, str(path / WEIGHTS))
@@ -128,15 +131,17 @@ def openpi_to_ours(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(path: str | Path, preset: str = "pi0", action_dim: int = 7, state_dim: int = 8,
-                    asset_id: str | None = None, **overrides):
+                    asset_id: str | None = None, vlm_dtype: torch.dtype | None = None, **overrides):
     """An openpi or LeRobot pi0/pi0.5 directory (*.safetensors, norm stats under <asset_id>/norm_stats.json or
-    assets/<asset_id>/norm_stats.json) -> (policy, normalizer or None)."""
+    assets/<asset_id>/norm_stats.json) -> (policy, normalizer or None). vlm_dtype: as in load_checkpoint."""
     path = _need_dir(Path(path), "pretrained checkpoint")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}")
     with no_init_weights():  # as in load_checkpoint: every weight is overwritten
         policy = build(preset, action_dim, state_dim, **overrides)
+    if vlm_dtype is not None:
+        policy.vlm.to(vlm_dtype)
     load_state_checked(policy, openpi_to_ours(_read_safetensors(files)), str(path))
     stats = sorted(path.glob("norm_stats.json")) + sorted(path.glob("*/norm_stats.json")) + \
         sorted(path.glob("assets/*/norm_stats.json"))

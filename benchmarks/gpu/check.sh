@@ -40,13 +40,13 @@ PY
 s2() {
 echo "== 2: the README command as is (physx_cuda) ($(el) s)"
 timeout 60 python3 flow_sde_ppo.py --env-id PickCube --num-envs 320 --total-iterations 1 --eval-episodes 0 \
-  --output-dir /tmp/r0 2>&1 | grep -v "it/s" | tail -3
+  --output-dir /tmp/r0 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it" | tail -3
 }
 s3() {
 echo "== 3: pi0 size, 320 rgb envs ($(el) s)"
 timeout ${SCALE_S:-200} python3 benchmarks/bench_scale.py --sim-backend physx_cpu --num-envs ${SCALE_ENVS:-320} \
   --num-steps ${SCALE_STEPS:-2} --max-episode-steps $(( ${SCALE_STEPS:-2} * 5 )) \
-  --out /tmp/bs 2>&1 | grep -v "it/s\|WARN" | tail -25
+  --out /tmp/bs 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it\|WARN" | tail -25
 }
 s4() {
 echo "== 4: tiny Flow-SDE PPO, 320 envs, from the SFT checkpoint ($(el) s)"
@@ -54,20 +54,21 @@ LEFT=$(( BUDGET_S - $(el) ))
 MIN=$(python3 -c "print(max(0.5, round(($LEFT - 75) / 60, 2)))")
 timeout $LEFT python3 flow_sde_ppo.py --env-id PickCube --num-envs 320 --sim-backend physx_cpu --time-budget-min "$MIN" \
   --total-iterations 100000 --eval-every 3 --num-eval-envs 100 --save-every 100000 --output-dir /tmp/sde320 2>&1 \
-  | grep -v "it/s" | tail -6
+  | tr '\r' '\n' | grep -v "it/s\|s/it" | tail -6
 cp /tmp/sde320/metrics.jsonl "$OUT/sde320_metrics.jsonl" 2>/dev/null
 }
 s5() {
 echo "== 5: tiny Flow-Noise PPO and GRPO at 320 envs, one iteration each with the actor training; SFT ($(el) s)"
 rl() {  # script, then its own options
   timeout ${S5_S:-100} python3 $1.py "${@:2}" --env-id PickCube --num-envs ${NENV:-320} --sim-backend physx_cpu \
-    --total-iterations 1 --eval-episodes 0 --output-dir /tmp/$1 2>&1 | grep -v "it/s" | tail -3
+    --total-iterations 1 --eval-episodes 0 --output-dir /tmp/$1 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it" | tail -3
   cp /tmp/$1/metrics.jsonl "$OUT/$1_metrics.jsonl" 2>/dev/null
 }
 rl flow_noise_ppo --critic-warmup-iters 0
 rl flow_grpo
 timeout ${S5_S:-100} python3 sft_baseline.py --demo-path .dev/demos/mp20.h5 --num-demos 20 --train-steps 2000 \
-  --sim-backend physx_cpu --eval-episodes 100 --num-eval-envs 50 --output-dir /tmp/sft 2>&1 | grep -v "it/s" | tail -3
+  --sim-backend physx_cpu --eval-episodes 100 --num-eval-envs 50 --output-dir /tmp/sft 2>&1 \
+  | tr '\r' '\n' | grep -v "it/s\|s/it" | tail -3
 cp /tmp/sft/metrics.jsonl "$OUT/sft_metrics.jsonl" 2>/dev/null
 }
 for st in $STAGES; do s$st; done
