@@ -96,15 +96,23 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _to_be_loaded(make, vlm_dtype: torch.dtype | None) -> VLAPolicy:
+    """make() without the random init, since every weight is overwritten next and a missing key fails (pi0's init:
+    ~50 s on CPU); the VLM cast to vlm_dtype before any weight is read in. Its uninitialised float32 pages were
+    never written, so they never became resident: pi0's VLM never holds float32 weights (11.6 GB on the host)."""
+    with no_init_weights():
+        policy = make()
+    if vlm_dtype is not None:
+        policy.vlm.to(vlm_dtype)
+    return policy
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", vlm_dtype: torch.dtype | None = None):
-    """Our checkpoint -> (policy, normalizer or None, extra tensors, meta). vlm_dtype (e.g. torch.bfloat16) casts
-    the VLM before its weights are read in, so pi0's VLM never holds float32 weights (11.6 GB on the host)."""
+    """Our checkpoint -> (policy, normalizer or None, extra tensors, meta). vlm_dtype (e.g. torch.bfloat16): the
+    VLM's dtype, set before its weights are read in."""
     path = _need_dir(Path(path), "checkpoint")
     cfg = json.loads(_need_file(path / CONFIG, " (not a checkpoint written by save_checkpoint?)").read_text())
-    with no_init_weights():  # every weight is overwritten below (a missing key fails); pi0's random init: ~50 s on CPU
-        policy = VLAPolicy(VLAConfig(**cfg))
-    if vlm_dtype is not None:  # the uninitialised float32 pages were never written, so they never became resident
-        policy.vlm.to(vlm_dtype)
+    policy = _to_be_loaded(lambda: VLAPolicy(VLAConfig(**cfg)), vlm_dtype)
     tensors = _read_safetensors([_need_file(path / WEIGHTS)])
     own = set(policy.state_dict())
     load_state_checked(policy, {k: v for k, v in tensors.items() if k in own}, str(path / WEIGHTS))
@@ -138,10 +146,7 @@ def load_pretrained(path: str | Path, preset: str = "pi0", action_dim: int = 7, 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}")
-    with no_init_weights():  # as in load_checkpoint: every weight is overwritten
-        policy = build(preset, action_dim, state_dim, **overrides)
-    if vlm_dtype is not None:
-        policy.vlm.to(vlm_dtype)
+    policy = _to_be_loaded(lambda: build(preset, action_dim, state_dim, **overrides), vlm_dtype)
     load_state_checked(policy, openpi_to_ours(_read_safetensors(files)), str(path))
     stats = sorted(path.glob("norm_stats.json")) + sorted(path.glob("*/norm_stats.json")) + \
         sorted(path.glob("assets/*/norm_stats.json"))
