@@ -100,7 +100,7 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     target_kl: float | None = None
-    """stop an iteration's epochs early when the approximate KL exceeds this"""
+    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs")"""
     eval_every: int = 10
     """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
     eval_episodes: int = 100
@@ -833,7 +833,7 @@ def main(args: Args):
             progress = max(progress, train_time / (60 * args.time_budget_min))
         lr_now = args.lr * (max(1.0 - progress, 0.0) if args.anneal_lr else 1.0)
         opt.param_groups[0]["lr"] = lr_now
-        stats = {}
+        stats, epochs_run = {}, 0
         # Every rank takes the same number of optimiser steps: a rank whose kept decisions run out contributes zero
         # gradients; a minibatch empty on every rank is skipped.
         if all_reduce(rows.sum()).item() >= args.num_minibatches:
@@ -845,6 +845,7 @@ def main(args: Args):
             M = len(b_adv)
             micro_size = args.micro_batch_size or max(M, 1)
             for epoch in range(args.update_epochs):
+                epochs_run = epoch + 1  # fewer than update_epochs when --target-kl stops the update
                 perm = torch.randperm(M, device=device)
                 for j in range(args.num_minibatches):
                     mb = perm[j * M // args.num_minibatches:(j + 1) * M // args.num_minibatches]
@@ -877,7 +878,7 @@ def main(args: Args):
         # Every env runs one episode per iteration, so means over ranks are means over all episodes.
         row = mean_over_ranks({
             "rollout_sps": N * C * int(valid.any(1).sum()) / rollout_time * world,  # averaged: the total
-            "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"],
+            "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"], "epochs": epochs_run,
             "decisions": int(rows.sum()) * world, "groups_kept": int(keep.sum()) // G * world,  # averaged: totals
             "train/success_once": success.float().mean().item(), "train/return": returns.mean().item(),
             "train/episode_len": episode_len.mean().item()})

@@ -122,7 +122,8 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     target_kl: float | None = None
-    """stop an iteration's epochs early when the approximate KL exceeds this"""
+    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"). On CPU PickCube
+    --lr 3e-5 --target-kl 0.05 ended 30 minutes at 90% / 83% over two seeds, the defaults at 85% / 86%"""
     eval_every: int = 10
     """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
     eval_episodes: int = 100
@@ -928,8 +929,9 @@ def main(args: Args):
         s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), b_adv.new_tensor(float(b_adv.numel()))])
                               .double()).tolist()
         b_adv = (b_adv - s / n) / (math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)) + 1e-8)
-        stats = {}
+        stats, epochs_run = {}, 0
         for epoch in range(args.update_epochs):
+            epochs_run = epoch + 1  # fewer than update_epochs when --target-kl stops the update
             perm = torch.randperm(T * N, device=device)
             for start in range(0, T * N, minibatch_size):
                 mb = perm[start:start + minibatch_size]
@@ -961,7 +963,7 @@ def main(args: Args):
         var_y = b_ret.var()
         row = mean_over_ranks({
             "rollout_sps": N * C * T / rollout_time * world,  # averaged over ranks: the total
-            "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"],
+            "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"], "epochs": epochs_run,
             "explained_variance": (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan"),
             **{k: float(np.mean(v)) for k, v in stats.items()}})
         row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time, **row,

@@ -61,11 +61,13 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     train = [r for r in rows if "rollout_time" in r]
     assert [r["iteration"] for r in train] == [1, 2] and all(r["decisions"] > 0 for r in train)
     assert train[0]["train/episode_len"] <= 10
-    grpo.main(replace(args, total_iterations=3, resume=True))
+    # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
+    grpo.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
     assert vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]["iteration"] == 3
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # no critic to warm up: the lr falls linearly from the first iteration towards 0 at the end of the resumed run
     assert [r["lr"] for r in rows if "rollout_time" in r] == pytest.approx([args.lr, args.lr / 2, args.lr / 3])
+    assert [r["epochs"] for r in rows if "rollout_time" in r] == [args.update_epochs] * 2 + [1] and args.update_epochs > 1
 
 
 def test_bad_inputs(tmp_path):

@@ -89,10 +89,12 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     fn.main(args)
     policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
     assert meta["iteration"] == 2 and any(k.startswith("noise_head.") for k in extra)
-    fn.main(replace(args, total_iterations=3, resume=True))
+    # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
+    fn.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
     assert [r["lr"] for r in rows if "pg_loss" in r] == pytest.approx([0.0, args.lr / 2, args.lr / 3])
+    assert [r["epochs"] for r in rows if "pg_loss" in r] == [args.update_epochs] * 2 + [1] and args.update_epochs > 1
     assert all(math.isfinite(r["entropy"]) for r in rows if "entropy" in r)
 
 

@@ -155,13 +155,15 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     assert sum("eval/success_once" in r for r in rows) == 2  # before RL and after the last iteration
     policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
     assert meta["iteration"] == 2 and any(k.startswith("critic.") for k in extra)
-    sde.main(replace(args, total_iterations=3, resume=True))
+    # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
+    sde.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
     meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]
     assert meta["iteration"] == 3 and meta["global_step"] == 3 * 2 * 2 * 5
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
     # critic warm-up, then the actor's lr falls linearly towards 0 at the end of the (resumed, longer) run
     assert [r["lr"] for r in rows if "pg_loss" in r] == pytest.approx([0.0, args.lr / 2, args.lr / 3])
+    assert [r["epochs"] for r in rows if "pg_loss" in r] == [args.update_epochs] * 2 + [1] and args.update_epochs > 1
 
 
 def test_bad_inputs(tmp_path):
