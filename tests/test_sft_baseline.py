@@ -1,5 +1,6 @@
 """sft_baseline.py: loss, demo readers, env conventions, end-to-end run, clear errors."""
 
+import contextlib
 import importlib
 import json
 from dataclasses import replace
@@ -130,9 +131,10 @@ def assert_same(x, y, where=""):
 
 
 @pytest.mark.parametrize("module", SCRIPTS)
-def test_env_worker_processes_match_one_process(module):
+def test_env_worker_processes_match_one_process(module, monkeypatch):
     """3 CPU envs split over 2 worker processes return exactly what one in-process SyncVectorEnv returns, through
-    two auto-resets (the new episodes come from each env's own seeded RNG, not a process's global one)."""
+    two auto-resets (the new episodes come from each env's own seeded RNG, not a process's global one); and the
+    inference mode they step in (for speed) returns what stepping with autograd on does."""
     m = importlib.import_module(module)
 
     def rollout(workers):
@@ -145,6 +147,8 @@ def test_env_worker_processes_match_one_process(module):
 
     one, two = rollout(1), rollout(2)
     assert_same(one, two)
+    monkeypatch.setattr(m.ManiSkillEnvs, "cpu_sim", lambda self: contextlib.nullcontext())
+    assert_same(one, rollout(1))
     assert one[4][4]["episode"]["episode_len"].tolist() == [4, 4, 4]  # the steps did cross episode ends
 
 
