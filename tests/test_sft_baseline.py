@@ -147,6 +147,10 @@ def test_env_worker_processes_match_one_process(module, monkeypatch):
 
     one, two = rollout(1), rollout(2)
     assert_same(one, two)
+    tensors = [one[0]["state"]]
+    for o, r, te, tr, i in one[1:]:
+        tensors += [o["state"], r, te, tr, i["success"], i["final_obs"]["state"], *i["episode"].values()]
+    assert not any(t.is_inference() for t in tensors)  # later in-place writes and autograd would refuse them
     monkeypatch.setattr(m.ManiSkillEnvs, "cpu_sim", lambda self: contextlib.nullcontext())
     assert_same(one, rollout(1))
     assert one[4][4]["episode"]["episode_len"].tolist() == [4, 4, 4]  # the steps did cross episode ends
