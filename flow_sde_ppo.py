@@ -106,11 +106,11 @@ class Args:
     """Huber loss threshold of the value loss"""
     vf_coef: float = 1.0
     """value loss weight"""
-    lr: float = 2e-5
+    lr: float = 3e-5
     """actor learning rate at the start (the expert, projections); the VLM is frozen. Constant, 1e-4 drove the
     approximate KL above 1 per update on the tiny policy and 2e-5 to 0.14 (55% success after 30 CPU minutes against
-    69% at 1e-5); 2e-5 annealed to 0 (--anneal-lr) beat a constant 1e-5 on two seeds (see README). The paper uses
-    5e-6 to 8e-6 on pi0's 300M expert"""
+    69% at 1e-5). Annealed (--anneal-lr) and held back by --target-kl, a larger start pays (see target_kl). The
+    paper uses 5e-6 to 8e-6 on pi0's 300M expert"""
     value_lr: float = 1e-3
     """critic learning rate"""
     critic_warmup_iters: int = 5
@@ -121,9 +121,10 @@ class Args:
     annealed ended at 85% / 86% over two seeds, a constant 1e-5 at 82% / 78%"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
-    target_kl: float | None = None
-    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"). On CPU PickCube
-    --lr 3e-5 --target-kl 0.05 ended 30 minutes at 90 / 83 / 83 / 93% in four runs, the defaults at 85 / 86 / 79%"""
+    target_kl: float | None = 0.05
+    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"; None: never). On CPU
+    PickCube from the 29% SFT start, lr 3e-5 with 0.05 ended 30 minutes at 90 / 83 / 83 / 93% in four runs (means of
+    minutes 15-30 84 / 79 / 76 / 86%), lr 2e-5 without it at 85 / 86 / 79% (77 / 79 / 71%) in three"""
     eval_every: int = 10
     """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
     eval_episodes: int = 100

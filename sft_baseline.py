@@ -44,10 +44,14 @@ class Args:
     control_mode: str = "pd_ee_delta_pose"
     """ManiSkill controller; the demonstrations are converted to it"""
     max_episode_steps: int = 80
-    """ManiSkill episode length (the paper uses 80; motion-planner demos take 50-90 steps). LIBERO uses its suite's"""
+    """ManiSkill episode length (the paper uses 80). LIBERO uses its suite's"""
     num_demos: int = 200
     """few-shot subset size: the first N demonstrations are used (200 gave a 29% start on PickCube, inside the
     20-60% few-shot band; see README)"""
+    planner_joint_acc: float = 2.0
+    """joint acceleration limit (rad/s^2) of the motion planner that generates ManiSkill demos. ManiSkill's solutions
+    plan at 0.9, far below the Panda's own limits: their 200 PickCube demos (pd_ee_delta_pose) last 78 steps on
+    average and 41% run past the 80-step episode, so a policy imitating them times out. At 2.0: 56 (at most 74)"""
     demo_path: str | None = None
     """existing ManiSkill .h5 (with its .json) or LIBERO hdf5 file; default: generate ManiSkill demos into demos/"""
     preset: str = "tiny"
@@ -436,23 +440,33 @@ def make_envs(args, num_envs: int, ignore_terminations: bool, device):
 
 
 # ================================================================================================ demonstrations
-def generate_maniskill_demos(env_id: str, num_demos: int, obs_mode: str, control_mode: str, root="demos") -> Path:
-    """Motion-planner demonstrations (ManiSkill's own solvers, seeds from 0), converted to the control and
-    observation mode with ManiSkill's replay tool. Reuses an earlier file holding at least `num_demos`."""
-    folder = Path(root) / env_id / "motionplanning"
+def generate_maniskill_demos(env_id: str, num_demos: int, obs_mode: str, control_mode: str, root="demos",
+                             joint_acc: float = 2.0) -> Path:
+    """Motion-planner demonstrations (ManiSkill's own solvers, seeds from 0, joint accelerations planned up to
+    `joint_acc`), converted to the control and observation mode with ManiSkill's replay tool. Reuses an earlier file
+    of the same planner setting holding at least `num_demos`."""
+    record_dir = Path(root) / f"planner_acc{joint_acc:g}"
+    folder = record_dir / env_id / "motionplanning"
     suffix = f".{obs_mode}.{control_mode}.physx_cpu.h5"
     for f in sorted(folder.glob(f"mp*{suffix}"), key=lambda p: int(p.name[2:].split(".")[0])):
         if int(f.name[2:].split(".")[0]) >= num_demos:
             return f
     name = f"mp{num_demos}"
     def run(*cmd):
-        proc = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:1])} failed:\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd[:2])} failed:\n{proc.stderr[-3000:]}")
+    # ManiSkill's runner has no option for the planner's limits: set the solver's default before running it.
+    # The solver scales mplib's default limits (1 per joint) by its joint_acc_limits argument, the last one.
+    planner = ("import runpy; from mani_skill.examples.motionplanning.panda.motionplanner import "
+               "PandaArmMotionPlanningSolver as S; init = S.__init__; "
+               "assert init.__code__.co_varnames[init.__code__.co_argcount - 1] == 'joint_acc_limits'; "
+               f"init.__defaults__ = init.__defaults__[:-1] + ({joint_acc!r},); "
+               "runpy.run_module('mani_skill.examples.motionplanning.panda.run', run_name='__main__')")
     print(f"generating {num_demos} motion-planner demos for {env_id} into {folder}")
-    run("mani_skill.examples.motionplanning.panda.run", "-e", env_id, "-n", str(num_demos), "-b", "cpu",
-        "--only-count-success", "--record-dir", str(root), "--traj-name", name)
-    run("mani_skill.trajectory.replay_trajectory", "--traj-path", str(folder / f"{name}.h5"), "-b", "physx_cpu",
+    run("-c", planner, "-e", env_id, "-n", str(num_demos), "-b", "cpu", "--only-count-success",
+        "--record-dir", str(record_dir), "--traj-name", name)
+    run("-m", "mani_skill.trajectory.replay_trajectory", "--traj-path", str(folder / f"{name}.h5"), "-b", "physx_cpu",
         "-o", obs_mode, "-c", control_mode, "--save-traj")
     return folder / f"{name}{suffix[:-3]}.h5"
 
@@ -687,7 +701,8 @@ def main(args: Args):
         else:  # rank 0 writes the demos while the others wait, then finds them
             if not is_main and distributed():
                 dist.barrier()
-            demo_path = generate_maniskill_demos(env_id, args.num_demos, args.obs_mode, args.control_mode)
+            demo_path = generate_maniskill_demos(env_id, args.num_demos, args.obs_mode, args.control_mode,
+                                                  joint_acc=args.planner_joint_acc)
             if is_main and distributed():
                 dist.barrier()
         episodes = load_maniskill_demos(demo_path, args.num_demos, args.control_mode)

@@ -23,7 +23,8 @@ import flow_noise_ppo
 import flow_sde_ppo
 
 SIXTEEN = dict(num_envs=16, num_minibatches=4)
-SDE_CONST = dict(lr=1e-5, anneal_lr=False)  # Flow-SDE PPO's actor step before the ninth session
+SDE_CONST = dict(lr=1e-5, anneal_lr=False, target_kl=None)  # Flow-SDE PPO's actor step before the ninth session
+SDE_2E5 = dict(lr=2e-5, target_kl=None)  # Flow-SDE PPO's default of the ninth to eleventh sessions
 ONE_PROC = dict(env_workers=1)  # every env in the script's own process: one core
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
@@ -31,6 +32,8 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "grpo": (flow_grpo, {}, "GRPO (Flow-SDE)"),
     "grpo_seed2": (flow_grpo, dict(seed=2), "GRPO, seed 2"),
     "sde_seed2": (flow_sde_ppo, dict(seed=2), "Flow-SDE PPO, seed 2"),
+    "sde_2e5": (flow_sde_ppo, SDE_2E5, "Flow-SDE PPO, lr 2e-5 annealed, no target KL"),
+    "sde_2e5_seed2": (flow_sde_ppo, SDE_2E5 | dict(seed=2), "Flow-SDE PPO, lr 2e-5 annealed, no target KL, seed 2"),
     "sde_const": (flow_sde_ppo, SDE_CONST, "Flow-SDE PPO, constant lr 1e-5"),
     "sde_const_seed2": (flow_sde_ppo, SDE_CONST | dict(seed=2), "Flow-SDE PPO, constant lr 1e-5, seed 2"),
     "noise_seed2": (flow_noise_ppo, dict(seed=2), "Flow-Noise PPO, seed 2"),

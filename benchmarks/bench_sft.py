@@ -1,7 +1,7 @@
 """SFT benchmark on CPU: PickCube (state obs, tiny preset) eval success against the number of demonstrations,
 with wall time; then the LIBERO pipeline end to end on a tiny self-made demo file, and LIBERO env steps/s.
 
-Run: .venv/bin/python benchmarks/bench_sft.py [--demos 10 25 100 200] [--skip-libero]
+Run: .venv/bin/python benchmarks/bench_sft.py [--demos 10 25 100 200] [--planner-joint-acc 2.0] [--skip-libero]
 """
 
 import argparse
@@ -20,15 +20,19 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--demos", type=int, nargs="+", default=[10, 25, 100, 200])
     p.add_argument("--train-steps", type=int, default=sft.Args.train_steps)
+    p.add_argument("--planner-joint-acc", type=float, default=sft.Args.planner_joint_acc,
+                   help="the demos' planner acceleration limit (ManiSkill's own: 0.9)")
     p.add_argument("--skip-libero", action="store_true")
     cli = p.parse_args()
     rows = []
     for n in cli.demos:
         t0 = time.time()
         m, _ = sft.main(replace(sft.Args(), num_demos=n, train_steps=cli.train_steps,
-                                output_dir=f"runs/bench_sft/PickCube-v1_{n}demos"))
+                                planner_joint_acc=cli.planner_joint_acc,
+                                output_dir=f"runs/bench_sft/PickCube-v1_{n}demos_acc{cli.planner_joint_acc:g}"))
         rows.append((n, m["success_once"], m["success_at_end"], time.time() - t0))
-    print(f"\nPickCube-v1, state obs, pd_ee_delta_pose, tiny preset, {cli.train_steps} steps, 100 eval episodes")
+    print(f"\nPickCube-v1, state obs, pd_ee_delta_pose, tiny preset, {cli.train_steps} steps, planner joint acc "
+          f"{cli.planner_joint_acc:g}, 100 eval episodes")
     print(f"{'demos':>6} {'success_once':>13} {'success_at_end':>15} {'wall s':>8}")
     for n, so, se, w in rows:
         print(f"{n:>6} {so:>13.2f} {se:>15.2f} {w:>8.0f}")
