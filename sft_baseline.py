@@ -48,10 +48,11 @@ class Args:
     num_demos: int = 200
     """few-shot subset size: the first N demonstrations are used (200 gave a 29% start on PickCube, inside the
     20-60% few-shot band; see README)"""
-    planner_joint_acc: float = 2.0
-    """joint acceleration limit (rad/s^2) of the motion planner that generates ManiSkill demos. ManiSkill's solutions
-    plan at 0.9, far below the Panda's own limits: their 200 PickCube demos (pd_ee_delta_pose) last 78 steps on
-    average and 41% run past the 80-step episode, so a policy imitating them times out. At 2.0: 56 (at most 74)"""
+    planner_joint_acc: float = 0.9
+    """joint acceleration limit (rad/s^2) of the motion planner that generates ManiSkill demos; 0.9 is ManiSkill's
+    own, far below the Panda's. At 0.9 the 200 PickCube demos (pd_ee_delta_pose) last 78 steps on average and 41% run
+    past the 80-step episode; at 2.0, 56 (at most 74), and SFT on them scored 36% success_once (29% at 0.9) but 14%
+    success_at_end (29%): the policy finishes sooner, then drifts off the goal. See README"""
     demo_path: str | None = None
     """existing ManiSkill .h5 (with its .json) or LIBERO hdf5 file; default: generate ManiSkill demos into demos/"""
     preset: str = "tiny"
@@ -441,7 +442,7 @@ def make_envs(args, num_envs: int, ignore_terminations: bool, device):
 
 # ================================================================================================ demonstrations
 def generate_maniskill_demos(env_id: str, num_demos: int, obs_mode: str, control_mode: str, root="demos",
-                             joint_acc: float = 2.0) -> Path:
+                             joint_acc: float = 0.9) -> Path:
     """Motion-planner demonstrations (ManiSkill's own solvers, seeds from 0, joint accelerations planned up to
     `joint_acc`), converted to the control and observation mode with ManiSkill's replay tool. Reuses an earlier file
     of the same planner setting holding at least `num_demos`."""

@@ -1,7 +1,7 @@
 """SFT benchmark on CPU: PickCube (state obs, tiny preset) eval success against the number of demonstrations,
 with wall time; then the LIBERO pipeline end to end on a tiny self-made demo file, and LIBERO env steps/s.
 
-Run: .venv/bin/python benchmarks/bench_sft.py [--demos 10 25 100 200] [--planner-joint-acc 2.0] [--skip-libero]
+Run: .venv/bin/python benchmarks/bench_sft.py [--demos 10 25 100 200] [--planner-joint-acc 0.9] [--skip-libero]
 """
 
 import argparse

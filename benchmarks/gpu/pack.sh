@@ -40,7 +40,7 @@ mkdir -p .dev/demos
 .venv/bin/python - <<'PY'
 import json
 import h5py
-src = "demos/planner_acc2/PickCube-v1/motionplanning/mp200.state.pd_ee_delta_pose.physx_cpu"
+src = "demos/planner_acc0.9/PickCube-v1/motionplanning/mp200.state.pd_ee_delta_pose.physx_cpu"
 meta = json.load(open(src + ".json"))
 meta["episodes"] = meta["episodes"][:20]
 with h5py.File(src + ".h5") as f, h5py.File(".dev/demos/mp20.h5", "w") as g:
