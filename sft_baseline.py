@@ -453,10 +453,10 @@ def generate_maniskill_demos(env_id: str, num_demos: int, obs_mode: str, control
         if int(f.name[2:].split(".")[0]) >= num_demos:
             return f
     name = f"mp{num_demos}"
-    def run(*cmd):
+    def run(what, *cmd):
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:2])} failed:\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
     # ManiSkill's runner has no option for the planner's limits: set the solver's default before running it.
     # The solver scales mplib's default limits (1 per joint) by its joint_acc_limits argument, the last one.
     planner = ("import runpy; from mani_skill.examples.motionplanning.panda.motionplanner import "
@@ -465,10 +465,10 @@ def generate_maniskill_demos(env_id: str, num_demos: int, obs_mode: str, control
                f"init.__defaults__ = init.__defaults__[:-1] + ({joint_acc!r},); "
                "runpy.run_module('mani_skill.examples.motionplanning.panda.run', run_name='__main__')")
     print(f"generating {num_demos} motion-planner demos for {env_id} into {folder}")
-    run("-c", planner, "-e", env_id, "-n", str(num_demos), "-b", "cpu", "--only-count-success",
-        "--record-dir", str(record_dir), "--traj-name", name)
-    run("-m", "mani_skill.trajectory.replay_trajectory", "--traj-path", str(folder / f"{name}.h5"), "-b", "physx_cpu",
-        "-o", obs_mode, "-c", control_mode, "--save-traj")
+    run("ManiSkill's motion planner", "-c", planner, "-e", env_id, "-n", str(num_demos), "-b", "cpu",
+        "--only-count-success", "--record-dir", str(record_dir), "--traj-name", name)
+    run("ManiSkill's replay tool", "-m", "mani_skill.trajectory.replay_trajectory",
+        "--traj-path", str(folder / f"{name}.h5"), "-b", "physx_cpu", "-o", obs_mode, "-c", control_mode, "--save-traj")
     return folder / f"{name}{suffix[:-3]}.h5"
 
 
@@ -683,6 +683,8 @@ def main(args: Args):
     kind, env_id = resolve_env_id(args.env_id)
     if args.action_chunk > args.chunk_size:
         raise ValueError(f"--action-chunk {args.action_chunk} exceeds --chunk-size {args.chunk_size}")
+    if not args.planner_joint_acc > 0:
+        raise ValueError(f"--planner-joint-acc {args.planner_joint_acc} must be positive (rad/s^2; ManiSkill's is 0.9)")
     if kind == "libero" and args.demo_path is None:
         raise ValueError("LIBERO demonstrations cannot be downloaded here: pass --demo-path to a local LIBERO hdf5 file")
     rank, world, device = init_distributed()

@@ -248,6 +248,8 @@ def test_bad_inputs(tmp_path, maniskill_demos):
         sft.main(small_args(tmp_path, env_id="libero_spatial"))
     with pytest.raises(ValueError, match="--action-chunk 17 exceeds --chunk-size 16"):
         sft.main(small_args(tmp_path, action_chunk=17))
+    with pytest.raises(ValueError, match="--planner-joint-acc 0.0 must be positive"):
+        sft.main(small_args(tmp_path, planner_joint_acc=0.0))
     # Demos whose action dim does not fit the env: pd_joint_pos demos (8-D) for a pd_ee_delta_pose env (7-D).
     # Fake the planner file as an 8-D-action file with state obs by adding obs to a copy.
     bad = tmp_path / "bad.h5"
