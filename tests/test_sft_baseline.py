@@ -99,9 +99,10 @@ def test_maniskill_demo_reader_shapes(maniskill_demos):
     assert meta["episodes"][0]["success"] and meta["env_info"]["env_kwargs"]["control_mode"] == CTRL
 
 
-def test_planner_acceleration_limit_sets_demo_pace(tmp_path, maniskill_demos):
+def test_planner_acceleration_limit_sets_demo_pace(tmp_path, maniskill_demos, capsys):
     """The same seeds planned at 2.0 rad/s^2 take fewer steps than at ManiSkill's own 0.9 (the default), in the
-    planner's file and after conversion, and each setting has its own cache (a 0.9 file is never reused for 2.0)."""
+    planner's file and after conversion, and each setting has its own cache (a 0.9 file is never reused for 2.0),
+    which another control mode converts without planning again."""
     fast = sft.generate_maniskill_demos("PickCube-v1", 3, "state", CTRL, root=tmp_path, joint_acc=2.0)
     assert fast != maniskill_demos and "planner_acc2" in str(fast) and "planner_acc0.9" in str(maniskill_demos)
 
@@ -114,6 +115,15 @@ def test_planner_acceleration_limit_sets_demo_pace(tmp_path, maniskill_demos):
         assert len(short) == len(base) == 3
         assert all(f < b for f, b in zip(short, base)), (short, base)
     assert sft.generate_maniskill_demos("PickCube-v1", 3, "state", CTRL, root=tmp_path, joint_acc=2.0) == fast
+
+    # Another control mode converts the planner's file of that pace instead of planning again.
+    planned = fast.parent / "mp3.h5"
+    stamp, _ = planned.stat().st_mtime_ns, capsys.readouterr()
+    joint = sft.generate_maniskill_demos("PickCube-v1", 2, "state", "pd_joint_delta_pos", root=tmp_path, joint_acc=2.0)
+    assert joint == fast.parent / "mp3.state.pd_joint_delta_pos.physx_cpu.h5"
+    assert planned.stat().st_mtime_ns == stamp and "generating" not in capsys.readouterr().out
+    episodes = sft.load_maniskill_demos(joint, 3, "pd_joint_delta_pos")
+    assert len(episodes) == 3 and all(ep["actions"].shape[1] == 8 for ep in episodes)  # 7 joints + gripper
 
 
 def test_maniskill_envs_cpu_batch_and_final_obs():
