@@ -42,7 +42,7 @@ class Args:
     obs_mode: str = "state"
     """"state": the full state vector in the state slot (CPU default); "rgb": camera images + robot proprio"""
     control_mode: str = "pd_ee_delta_pose"
-    """ManiSkill controller; the demonstrations are converted to it. pd_joint_delta_pos steps the CPU envs twice as
+    """ManiSkill controller; the demonstrations are converted to it. pd_joint_delta_pos steps the CPU envs 1.6-2x as
     fast and SFT scored 34% on PickCube, but Flow-SDE PPO from it learned about half as fast per env step (README)"""
     max_episode_steps: int = 80
     """ManiSkill episode length (the paper uses 80). LIBERO uses its suite's"""
@@ -450,14 +450,17 @@ def generate_maniskill_demos(env_id: str, num_demos: int, obs_mode: str, control
     record_dir = Path(root) / f"planner_acc{joint_acc:g}"
     folder = record_dir / env_id / "motionplanning"
     suffix = f".{obs_mode}.{control_mode}.physx_cpu.h5"
-    for f in sorted(folder.glob(f"mp*{suffix}"), key=lambda p: int(p.name[2:].split(".")[0])):
-        if int(f.name[2:].split(".")[0]) >= num_demos:
-            return f
-    # The planner's own files (mpN.h5, joint positions) do not depend on the control mode: convert one of those
-    # if there is one large enough, so that another control mode costs only the conversion.
-    raw = [f for f in folder.glob("mp*.h5") if f.name[2:-3].isdigit() and int(f.name[2:-3]) >= num_demos
+    def size(f):  # mpN.h5 (the planner's) or mpN<suffix> (converted) -> N
+        n = f.name[2:].split(".")[0]
+        return int(n) if n.isdigit() else -1
+    converted = [f for f in folder.glob(f"mp*{suffix}") if size(f) >= num_demos]
+    if converted:
+        return min(converted, key=size)
+    # The planner's own files (joint positions) do not depend on the control mode: convert one large enough if
+    # there is one, so that another control mode costs only the conversion.
+    raw = [f for f in folder.glob("mp*.h5") if f.name == f"mp{size(f)}.h5" and size(f) >= num_demos
            and f.with_suffix(".json").exists()]
-    name = min(raw, key=lambda f: int(f.name[2:-3])).stem if raw else f"mp{num_demos}"
+    name = min(raw, key=size).stem if raw else f"mp{num_demos}"
     def run(what, *cmd):
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
         if proc.returncode != 0:
