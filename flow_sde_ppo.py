@@ -83,7 +83,8 @@ class Args:
     """discount per decision point. The paper's 0.99 goes with its success reward; with the dense reward, bootstrapped
     at the time limit, 0.99 per 8-step chunk makes values of ~250 that the critic chases for hundreds of iterations
     (Flow-SDE's success fell from 28% to 14% in 10 minutes); 0.9 (a horizon of about one episode) fixed that. With
-    the sparse reward 0.99 collapsed as well (32% to 15% in 82k env steps), 0.9 did not"""
+    the sparse reward 0.99 collapsed as well (32% to 15% in 82k env steps) unless the paper's --value-clip 0.2
+    --critic-input expert came with it"""
     gae_lambda: float = 0.95
     """GAE lambda"""
     update_epochs: int = 4
