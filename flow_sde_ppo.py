@@ -130,7 +130,7 @@ class Args:
     """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"; None: never). On CPU
     PickCube from the 29% SFT start, lr 3e-5 with 0.05 ended 30 minutes at 90 / 83 / 83 / 93% in four runs (means of
     minutes 15-30 84 / 79 / 76 / 86%), lr 2e-5 without it at 85 / 86 / 79% (77 / 79 / 71%) in three. It caps the
-    policy's change per iteration, so with 5 times the envs it allows 5 times less change per env step: at 320 envs
+    policy's change per iteration, so with 5 times the envs it may allow 5 times less per env step: at 320 envs
     (40 minibatches) 0.25 reached 68% after 230k env steps where 0.05 reached 49% (one short GPU run each); at 64
     envs 0.1 showed no gain (50% after 246k env steps from a 32% start, one run)"""
     eval_every: int = 10
