@@ -68,8 +68,8 @@ class Args:
     action_chunk: int | None = None
     """C: actions executed per decision point, the first C of the predicted chunk (default: the SFT checkpoint's).
     On CPU PickCube one run with 4 instead of the checkpoint's 8 (and --num-steps 20 --gamma 0.9487
-    --gae-lambda 0.9747, the default's discount per env step) learned faster per env step than the default: 82%
-    after 410k env steps against 71-74%, 88% after 768k;
+    --gae-lambda 0.9747, the default's discount per env step) reached 82% after 410k env steps, where the
+    default's runs stood at 71-74%, and 88% after 768k;
     a second seed stayed inside the default's spread (68% after 410k; see the README)"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
