@@ -55,7 +55,8 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
     "sde_c4": (flow_sde_ppo, C4, "Flow-SDE PPO, 4 actions per decision"),
     "noise_c4": (flow_noise_ppo, C4, "Flow-Noise PPO, 4 actions per decision"),
-    "grpo_c4": (flow_grpo, dict(action_chunk=4), "GRPO, 4 actions per decision"),  # one episode per env anyway
+    # GRPO rolls whole episodes (no num_steps) and has no critic (no gamma / lambda): only the chunk changes
+    "grpo_c4": (flow_grpo, dict(action_chunk=4), "GRPO, 4 actions per decision"),
 }
 OUT = Path("runs/bench_rl")
 
