@@ -66,8 +66,8 @@ class Args:
     """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
     action_chunk: int | None = None
     """C: actions executed per decision point, the first C of the predicted chunk (default: the SFT checkpoint's).
-    On CPU PickCube one run with 4 instead of the checkpoint's 8 (and --num-steps 20 --gamma 0.9487
-    --gae-lambda 0.9747, the default's discount per env step) ended at 85% after 768k env steps (best 89%),
+    On CPU PickCube two runs with 4 instead of the checkpoint's 8 (and --num-steps 20 --gamma 0.9487
+    --gae-lambda 0.9747, the default's discount per env step) stood at 84% and 81% after 492k env steps,
     where the default's two runs ended at 66-70% after 553-640k (see the README)"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
