@@ -65,8 +65,8 @@ class Args:
     """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
     action_chunk: int | None = None
     """C: actions executed per decision point, the first C of the predicted chunk (default: the SFT checkpoint's).
-    On CPU PickCube two runs with 4 instead of the checkpoint's 8 stood at 86% and 92% after 655k env steps,
-    above the default's three runs (78-83% there) at most evaluations (see the README)"""
+    On CPU PickCube two runs with 4 instead of the checkpoint's 8 stood at 86% and 92%
+    after 655k env steps, above the default's three runs (78-83% there) at most evaluations (see the README)"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
     noise_level: float = 0.8
