@@ -63,10 +63,10 @@ class Args:
     """iterations (rollout + update)"""
     time_budget_min: float | None = None
     """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
-    action_chunk: int | None = None
-    """C: actions executed per decision point, the first C of the predicted chunk (default: the SFT checkpoint's).
-    On CPU PickCube two runs with 4 instead of the checkpoint's 8 stood at 86% and 92%
-    after 655k env steps, above the default's three runs (78-83% there) at most evaluations (see the README)"""
+    action_chunk: int = 4
+    """C: actions executed per decision point, the first C of the predicted chunk (the SFT checkpoint executes 8,
+    the paper 5). On CPU PickCube two runs with 4 stood at 86% and 92% after 655k env steps, above the three runs
+    with 8 (78-83% there; the default before the nineteenth session) at most evaluations (see the README)"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
     noise_level: float = 0.8
@@ -78,7 +78,7 @@ class Args:
     update_epochs: int = 2
     """policy epochs per iteration (2-4)"""
     num_minibatches: int = 8
-    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 80
+    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 160
     decisions at 64 envs"""
     micro_batch_size: int | None = None
     """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
@@ -699,7 +699,9 @@ def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
         raise ValueError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
     args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
     args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
-    args.action_chunk = args.action_chunk or meta.get("action_chunk", 5)
+    if args.resume and meta.get("action_chunk", args.action_chunk) != args.action_chunk:
+        raise ValueError(f"--resume: this run executed {meta['action_chunk']} actions per decision, not "
+                         f"{args.action_chunk}: pass --action-chunk {meta['action_chunk']} again (and its other options)")
     return policy, normalizer, extra, meta, path
 
 

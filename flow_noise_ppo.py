@@ -58,17 +58,18 @@ class Args:
     """parallel training environments in all (the paper uses 320 on a GPU); under torchrun each rank runs
     num_envs / world size of them. On CPU PickCube 64 envs with 8 minibatches beat 16 with 4 after 30 minutes
     (70% with the env workers, 71% in one process, against 56% in one process; see the README)"""
-    num_steps: int = 10
-    """decision points (action chunks) per environment per iteration (10 x 8 actions = one 80-step episode)"""
+    num_steps: int = 20
+    """decision points (action chunks) per environment per iteration (20 x 4 actions = one 80-step episode)"""
     total_iterations: int = 200
     """iterations (rollout + update)"""
     time_budget_min: float | None = None
     """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
-    action_chunk: int | None = None
-    """C: actions executed per decision point, the first C of the predicted chunk (default: the SFT checkpoint's).
-    On CPU PickCube two runs with 4 instead of the checkpoint's 8 (and --num-steps 20 --gamma 0.9487
-    --gae-lambda 0.9747, the default's discount per env step) stood at 84% and 81% after 492k env steps,
-    where the default's two runs ended at 66-70% after 553-640k (see the README)"""
+    action_chunk: int = 4
+    """C: actions executed per decision point, the first C of the predicted chunk (the SFT checkpoint executes 8,
+    the paper 5). On CPU PickCube two runs with 4 stood at 84% and 81% after 492k env steps, where the two runs
+    with 8 ended at 66-70% after 553-640k (see the README).
+    The runs with 8, at the same discount per env step (the default before the nineteenth session):
+    --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
     sigma_min: float = 0.08
@@ -88,16 +89,17 @@ class Args:
     its prompt). On PickCube state obs the critic's explained variance went from 0.3-0.45 ("expert") to 0.65-0.89"""
     critic_detach: bool = True
     """stop the value loss's gradient at the critic's input features"""
-    gamma: float = 0.9
-    """discount per decision point. The paper's 0.99 suits its success reward; with the dense reward, bootstrapped
-    at the time limit, 0.99 per 8-step chunk makes values of ~250 that the critic chases for hundreds of iterations
-    (Flow-SDE's success fell from 28% to 14% in 10 minutes); 0.9 (a horizon of about one episode) fixed that"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
+    gamma: float = 0.9487
+    """discount per decision point: 0.9 per 8 env steps (0.9487 = sqrt 0.9 per 4-step decision).
+    The paper's 0.99 suits its success reward; with the dense reward, bootstrapped at the time limit, 0.99 per 8-step
+    chunk makes values of ~250 that the critic chases for hundreds of iterations (Flow-SDE's success fell from 28% to
+    14% in 10 minutes); 0.9 per 8 steps (a horizon of about one episode) fixed that"""
+    gae_lambda: float = 0.9747
+    """GAE lambda per decision point: 0.95 per 8 env steps (0.9747 = sqrt 0.95 per 4-step decision)"""
     update_epochs: int = 4
     """PPO epochs per iteration"""
     num_minibatches: int = 8
-    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 80
+    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 160
     decisions at 64 envs"""
     micro_batch_size: int | None = None
     """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
@@ -793,7 +795,9 @@ def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
         raise ValueError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
     args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
     args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
-    args.action_chunk = args.action_chunk or meta.get("action_chunk", 5)
+    if args.resume and meta.get("action_chunk", args.action_chunk) != args.action_chunk:
+        raise ValueError(f"--resume: this run executed {meta['action_chunk']} actions per decision, not "
+                         f"{args.action_chunk}: pass --action-chunk {meta['action_chunk']} again (and its other options)")
     return policy, normalizer, extra, meta, path
 
 

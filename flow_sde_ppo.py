@@ -50,27 +50,27 @@ class Args:
     """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success). With a dense
     reward, training episodes run to the time limit even after success: the dense reward peaks at success, and
     ending the episode there would make early success cost the rest of the episode's reward. On CPU PickCube sparse
-    (with gamma 0.9) learned more slowly per env step than the dense default: 69% after 573k env steps against 74-87%;
-    the paper's configuration (sparse, gamma 0.99, --value-clip 0.2 --critic-input expert) 78% after 768k against
-    83-90% after 737k"""
+    (8 actions per decision, gamma 0.9) learned more slowly per env step than dense: 69% after 573k env steps against
+    74-87%; the paper's configuration (sparse, gamma 0.99, --value-clip 0.2 --critic-input expert) 78% after 768k
+    against 83-90% after 737k"""
     max_episode_steps: int = 80
     """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
     num_envs: int = 64
     """parallel training environments in all (the paper uses 320 on a GPU); under torchrun each rank runs
     num_envs / world size of them. On CPU PickCube 64 envs with 8 minibatches beat 16 with 4 after 30 minutes
     (82% / 69% against 36% / 71%; see the README)"""
-    num_steps: int = 10
-    """decision points (action chunks) per environment per iteration (10 x 8 actions = one 80-step episode)"""
+    num_steps: int = 20
+    """decision points (action chunks) per environment per iteration (20 x 4 actions = one 80-step episode)"""
     total_iterations: int = 200
     """iterations (rollout + update)"""
     time_budget_min: float | None = None
     """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
-    action_chunk: int | None = None
-    """C: actions executed per decision point, the first C of the predicted chunk (default: the SFT checkpoint's).
-    On CPU PickCube one run with 4 instead of the checkpoint's 8 (and --num-steps 20 --gamma 0.9487
-    --gae-lambda 0.9747, the default's discount per env step) reached 82% after 410k env steps, where the
-    default's runs stood at 71-74%, and 88% after 768k;
-    a second seed stayed inside the default's spread (68% after 410k; see the README)"""
+    action_chunk: int = 4
+    """C: actions executed per decision point, the first C of the predicted chunk (the SFT checkpoint executes 8,
+    the paper 5). On CPU PickCube one run with 4 reached 82% after 410k env steps and 88% after 768k, where the
+    runs with 8 stood at 71-74% after 410k; a second seed stayed inside their spread (68% after 410k; see the
+    README). The runs with 8, at the same discount per env step (the default before the nineteenth session):
+    --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
     noise_level: float = 0.8
@@ -85,18 +85,19 @@ class Args:
     its prompt). On PickCube state obs the critic's explained variance went from 0.3-0.45 ("expert") to 0.65-0.89"""
     critic_detach: bool = True
     """stop the value loss's gradient at the critic's input features"""
-    gamma: float = 0.9
-    """discount per decision point. The paper's 0.99 goes with its success reward; with the dense reward, bootstrapped
-    at the time limit, 0.99 per 8-step chunk makes values of ~250 that the critic chases for hundreds of iterations
-    (Flow-SDE's success fell from 28% to 14% in 10 minutes); 0.9 (a horizon of about one episode) fixed that. With
-    the sparse reward 0.99 collapsed as well (32% to 15% in 82k env steps) unless the paper's --value-clip 0.2
-    --critic-input expert came with it"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
+    gamma: float = 0.9487
+    """discount per decision point: 0.9 per 8 env steps (0.9487 = sqrt 0.9 per 4-step decision).
+    The paper's 0.99 goes with its success reward; with the dense reward, bootstrapped at the time limit, 0.99 per
+    8-step chunk makes values of ~250 that the critic chases for hundreds of iterations (Flow-SDE's success fell from
+    28% to 14% in 10 minutes); 0.9 per 8 steps (a horizon of about one episode) fixed that. With the sparse reward
+    0.99 collapsed as well (32% to 15% in 82k env steps) unless the paper's --value-clip 0.2 --critic-input expert
+    came with it"""
+    gae_lambda: float = 0.9747
+    """GAE lambda per decision point: 0.95 per 8 env steps (0.9747 = sqrt 0.95 per 4-step decision)"""
     update_epochs: int = 4
     """PPO epochs per iteration"""
     num_minibatches: int = 8
-    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 80
+    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 160
     decisions at 64 envs"""
     micro_batch_size: int | None = None
     """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
@@ -781,7 +782,9 @@ def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
         raise ValueError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
     args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
     args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
-    args.action_chunk = args.action_chunk or meta.get("action_chunk", 5)
+    if args.resume and meta.get("action_chunk", args.action_chunk) != args.action_chunk:
+        raise ValueError(f"--resume: this run executed {meta['action_chunk']} actions per decision, not "
+                         f"{args.action_chunk}: pass --action-chunk {meta['action_chunk']} again (and its other options)")
     return policy, normalizer, extra, meta, path
 
 

@@ -2,9 +2,10 @@
 rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE update-cost ratio.
 
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
-"sde", "noise", "grpo" are the scripts' defaults (64 envs); the other entries of RUNS rerun earlier tables' settings:
-16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all envs in
-one process (--env-workers 1), the paper's noise level 0.5, 4 actions per decision instead of 8 (*_c4).
+"sde", "noise", "grpo" are the scripts' defaults (64 envs, 4 actions per decision); the other entries of RUNS rerun
+earlier tables' settings, all with 8 actions per decision (the default before the nineteenth session; *_c8 are those
+defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all
+envs in one process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -26,37 +27,38 @@ SIXTEEN = dict(num_envs=16, num_minibatches=4)
 SDE_CONST = dict(lr=1e-5, anneal_lr=False, target_kl=None)  # Flow-SDE PPO's actor step before the ninth session
 SDE_2E5 = dict(lr=2e-5, target_kl=None)  # Flow-SDE PPO's default of the ninth to eleventh sessions
 ONE_PROC = dict(env_workers=1)  # every env in the script's own process: one core
-# 4 actions per decision instead of the checkpoint's 8: 20 decisions per 80-step episode, and gamma / lambda per
-# chunk the square roots of the defaults (0.9, 0.95), so the discount per env step is unchanged
-C4 = dict(action_chunk=4, num_steps=20, gamma=0.9487, gae_lambda=0.9747)
+# The RL scripts' defaults before the nineteenth session: 8 actions per decision (the SFT checkpoint's), 10 decisions
+# per 80-step episode and gamma / lambda 0.9 / 0.95 per decision (the defaults' squares: the same per env step).
+# GRPO rolls whole episodes (no num_steps) and has no critic (no gamma / lambda): only the chunk changes.
+C8 = dict(action_chunk=8, num_steps=10, gamma=0.9, gae_lambda=0.95)
+C8_GRPO = dict(action_chunk=8)
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
     "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
     "grpo": (flow_grpo, {}, "GRPO (Flow-SDE)"),
-    "grpo_seed2": (flow_grpo, dict(seed=2), "GRPO, seed 2"),
-    "sde_seed2": (flow_sde_ppo, dict(seed=2), "Flow-SDE PPO, seed 2"),
-    "sde_2e5": (flow_sde_ppo, SDE_2E5, "Flow-SDE PPO, lr 2e-5 annealed, no target KL"),
-    "sde_2e5_seed2": (flow_sde_ppo, SDE_2E5 | dict(seed=2), "Flow-SDE PPO, lr 2e-5 annealed, no target KL, seed 2"),
-    "sde_const": (flow_sde_ppo, SDE_CONST, "Flow-SDE PPO, constant lr 1e-5"),
-    "sde_const_seed2": (flow_sde_ppo, SDE_CONST | dict(seed=2), "Flow-SDE PPO, constant lr 1e-5, seed 2"),
-    "noise_seed2": (flow_noise_ppo, dict(seed=2), "Flow-Noise PPO, seed 2"),
-    "grpo_g4": (flow_grpo, dict(group_size=4), "GRPO, groups of 4"),
-    "grpo_anneal": (flow_grpo, dict(anneal_lr=True, lr=2e-5), "GRPO, lr 2e-5 annealed to 0"),
-    "noise_anneal": (flow_noise_ppo, dict(anneal_lr=True, lr=2e-5), "Flow-Noise PPO, lr 2e-5 annealed to 0"),
-    "sde_tkl": (flow_sde_ppo, dict(lr=3e-5, target_kl=0.05), "Flow-SDE PPO, lr 3e-5 annealed, target KL 0.05"),
-    "sde_tkl_seed2": (flow_sde_ppo, dict(lr=3e-5, target_kl=0.05, seed=2),
+    "sde_c8": (flow_sde_ppo, C8, "Flow-SDE PPO, 8 actions per decision"),
+    "noise_c8": (flow_noise_ppo, C8, "Flow-Noise PPO, 8 actions per decision"),
+    "grpo_c8": (flow_grpo, C8_GRPO, "GRPO, 8 actions per decision"),
+    "grpo_seed2": (flow_grpo, C8_GRPO | dict(seed=2), "GRPO, seed 2"),
+    "sde_seed2": (flow_sde_ppo, C8 | dict(seed=2), "Flow-SDE PPO, seed 2"),
+    "sde_2e5": (flow_sde_ppo, C8 | SDE_2E5, "Flow-SDE PPO, lr 2e-5 annealed, no target KL"),
+    "sde_2e5_seed2": (flow_sde_ppo, C8 | SDE_2E5 | dict(seed=2), "Flow-SDE PPO, lr 2e-5 annealed, no target KL, seed 2"),
+    "sde_const": (flow_sde_ppo, C8 | SDE_CONST, "Flow-SDE PPO, constant lr 1e-5"),
+    "sde_const_seed2": (flow_sde_ppo, C8 | SDE_CONST | dict(seed=2), "Flow-SDE PPO, constant lr 1e-5, seed 2"),
+    "noise_seed2": (flow_noise_ppo, C8 | dict(seed=2), "Flow-Noise PPO, seed 2"),
+    "grpo_g4": (flow_grpo, C8_GRPO | dict(group_size=4), "GRPO, groups of 4"),
+    "grpo_anneal": (flow_grpo, C8_GRPO | dict(anneal_lr=True, lr=2e-5), "GRPO, lr 2e-5 annealed to 0"),
+    "noise_anneal": (flow_noise_ppo, C8 | dict(anneal_lr=True, lr=2e-5), "Flow-Noise PPO, lr 2e-5 annealed to 0"),
+    "sde_tkl": (flow_sde_ppo, C8 | dict(lr=3e-5, target_kl=0.05), "Flow-SDE PPO, lr 3e-5 annealed, target KL 0.05"),
+    "sde_tkl_seed2": (flow_sde_ppo, C8 | dict(lr=3e-5, target_kl=0.05, seed=2),
                       "Flow-SDE PPO, lr 3e-5 annealed, target KL 0.05, seed 2"),
-    "sde16": (flow_sde_ppo, SIXTEEN | SDE_CONST, "Flow-SDE PPO, 16 envs"),
-    "grpo16": (flow_grpo, SIXTEEN, "GRPO, 16 envs"),
-    "sde16_1proc": (flow_sde_ppo, SIXTEEN | ONE_PROC | SDE_CONST, "Flow-SDE PPO, 16 envs in one process"),
-    "noise16_1proc": (flow_noise_ppo, SIXTEEN | ONE_PROC, "Flow-Noise PPO, 16 envs in one process"),
-    "grpo16_1proc": (flow_grpo, SIXTEEN | ONE_PROC, "GRPO, 16 envs in one process"),
-    "sde16_a05_1proc": (flow_sde_ppo, SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
+    "sde16": (flow_sde_ppo, C8 | SIXTEEN | SDE_CONST, "Flow-SDE PPO, 16 envs"),
+    "grpo16": (flow_grpo, C8_GRPO | SIXTEEN, "GRPO, 16 envs"),
+    "sde16_1proc": (flow_sde_ppo, C8 | SIXTEEN | ONE_PROC | SDE_CONST, "Flow-SDE PPO, 16 envs in one process"),
+    "noise16_1proc": (flow_noise_ppo, C8 | SIXTEEN | ONE_PROC, "Flow-Noise PPO, 16 envs in one process"),
+    "grpo16_1proc": (flow_grpo, C8_GRPO | SIXTEEN | ONE_PROC, "GRPO, 16 envs in one process"),
+    "sde16_a05_1proc": (flow_sde_ppo, C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
-    "sde_c4": (flow_sde_ppo, C4, "Flow-SDE PPO, 4 actions per decision"),
-    "noise_c4": (flow_noise_ppo, C4, "Flow-Noise PPO, 4 actions per decision"),
-    # GRPO rolls whole episodes (no num_steps) and has no critic (no gamma / lambda): only the chunk changes
-    "grpo_c4": (flow_grpo, dict(action_chunk=4), "GRPO, 4 actions per decision"),
 }
 OUT = Path("runs/bench_rl")
 

@@ -63,6 +63,8 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     assert train[0]["train/episode_len"] <= 10
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
     grpo.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
+    with pytest.raises(ValueError, match="executed 4 actions per decision, not 2: pass --action-chunk 4 again"):
+        grpo.main(replace(args, total_iterations=4, resume=True, action_chunk=2))
     assert vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]["iteration"] == 3
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # no critic to warm up: the lr falls linearly from the first iteration towards 0 at the end of the resumed run

@@ -91,6 +91,8 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     assert meta["iteration"] == 2 and any(k.startswith("noise_head.") for k in extra)
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
     fn.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
+    with pytest.raises(ValueError, match="executed 4 actions per decision, not 2: pass --action-chunk 4 again"):
+        fn.main(replace(args, total_iterations=4, resume=True, action_chunk=2))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
     assert [r["lr"] for r in rows if "pg_loss" in r] == pytest.approx([0.0, args.lr / 2, args.lr / 3])

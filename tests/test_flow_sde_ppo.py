@@ -150,7 +150,7 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     sde.main(args)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "pg_loss" in r]
-    assert [r["iteration"] for r in train] == [1, 2] and train[-1]["global_step"] == 2 * 2 * 2 * 5
+    assert [r["iteration"] for r in train] == [1, 2] and train[-1]["global_step"] == 2 * 2 * 2 * args.action_chunk
     assert all(math.isfinite(r["pg_loss"]) and math.isfinite(r["v_loss"]) for r in train)
     assert sum("eval/success_once" in r for r in rows) == 2  # before RL and after the last iteration
     policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
@@ -158,7 +158,10 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
     sde.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
     meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]
-    assert meta["iteration"] == 3 and meta["global_step"] == 3 * 2 * 2 * 5
+    assert meta["iteration"] == 3 and meta["global_step"] == 3 * 2 * 2 * args.action_chunk
+    # resuming with another chunk length would mix two decision lengths in one run
+    with pytest.raises(ValueError, match="executed 4 actions per decision, not 2: pass --action-chunk 4 again"):
+        sde.main(replace(args, total_iterations=4, resume=True, action_chunk=2))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
     # critic warm-up, then the actor's lr falls linearly towards 0 at the end of the (resumed, longer) run
