@@ -782,10 +782,33 @@ def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
         raise ValueError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
     args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
     args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
-    if args.resume and meta.get("action_chunk", args.action_chunk) != args.action_chunk:
-        raise ValueError(f"--resume: this run executed {meta['action_chunk']} actions per decision, not "
-                         f"{args.action_chunk}: pass --action-chunk {meta['action_chunk']} again (and its other options)")
+    if args.resume:
+        check_resumed_options(args, meta.get("args", {}))
     return policy, normalizer, extra, meta, path
+
+
+# --resume may change how long the run goes on, how often it evaluates and saves, and how it executes; a change to
+# any other option is reported. A different task, episode or chain is another run: those options must stay.
+RESUME_FREE = {"total_iterations", "time_budget_min", "eval_every", "eval_episodes", "num_eval_envs", "save_every",
+               "capture_video", "track", "wandb_project", "env_workers", "sim_backend", "micro_batch_size",
+               "grad_checkpointing", "vlm_dtype", "checkpoint", "output_dir", "resume"}
+RESUME_FIXED = ("env_id", "task_ids", "obs_mode", "control_mode", "reward_mode", "max_episode_steps",
+                "action_chunk", "denoise_steps", "critic_input")
+
+
+def check_resumed_options(args, saved: dict):
+    """Compare the options given to --resume with the run's own (the checkpoint's meta): refuse a changed task,
+    episode or chain, print the other changes."""
+    now = json.loads(json.dumps(asdict(args)))  # tuples become lists, as in the checkpoint's JSON
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in RESUME_FREE}
+    flag = lambda k: "--" + k.replace("_", "-")
+    fixed = [k for k in RESUME_FIXED if k in changed]
+    if fixed:
+        raise ValueError("--resume: " + "; ".join(f"the run has {flag(k)} {changed[k][0]}, not {changed[k][1]}"
+                                                  for k in fixed)
+                         + ": pass the run's values again (to change them, start a new run)")
+    if changed:
+        print("--resume with changed options: " + ", ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
 
 
 def main(args: Args):

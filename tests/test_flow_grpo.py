@@ -53,7 +53,7 @@ def test_ratio_one_on_first_epoch_and_kl_zero_at_start():
     assert policy.pi0.action_out_proj.weight.grad.abs().sum() > 0
 
 
-def test_smoke_two_iterations_and_resume(tmp_path):
+def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     write_sft_checkpoint(tmp_path)
     args = small_rl_args(grpo, tmp_path, num_envs=4, anneal_lr=True)
     grpo.main(args)
@@ -61,9 +61,12 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     train = [r for r in rows if "rollout_time" in r]
     assert [r["iteration"] for r in train] == [1, 2] and all(r["decisions"] > 0 for r in train)
     assert train[0]["train/episode_len"] <= 10
+    capsys.readouterr()
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
     grpo.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
-    with pytest.raises(ValueError, match="executed 4 actions per decision, not 2: pass --action-chunk 4 again"):
+    # a changed hyperparameter is reported; more iterations (the usual reason to resume) are not
+    assert f"--resume with changed options: --target-kl {args.target_kl} -> -1.0\n" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="the run has --action-chunk 4, not 2: pass the run's values again"):
         grpo.main(replace(args, total_iterations=4, resume=True, action_chunk=2))
     assert vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]["iteration"] == 3
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

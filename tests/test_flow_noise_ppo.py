@@ -83,15 +83,18 @@ def test_ratio_one_and_gradients(ratio_level):
     assert policy.pi0.model.dit.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def test_smoke_two_iterations_and_resume(tmp_path):
+def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     write_sft_checkpoint(tmp_path)
     args = small_rl_args(fn, tmp_path, anneal_lr=True)
     fn.main(args)
     policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
     assert meta["iteration"] == 2 and any(k.startswith("noise_head.") for k in extra)
+    capsys.readouterr()
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
     fn.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
-    with pytest.raises(ValueError, match="executed 4 actions per decision, not 2: pass --action-chunk 4 again"):
+    # a changed hyperparameter is reported; more iterations (the usual reason to resume) are not
+    assert f"--resume with changed options: --target-kl {args.target_kl} -> -1.0\n" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="the run has --action-chunk 4, not 2: pass the run's values again"):
         fn.main(replace(args, total_iterations=4, resume=True, action_chunk=2))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]

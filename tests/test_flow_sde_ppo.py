@@ -143,7 +143,7 @@ def test_gae_matches_reference_loop_with_truncation():
     torch.testing.assert_close(ret, ref + values)
 
 
-def test_smoke_two_iterations_and_resume(tmp_path):
+def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     write_sft_checkpoint(tmp_path)
     args = small_rl_args(sde, tmp_path)
     assert args.anneal_lr  # the default
@@ -155,13 +155,18 @@ def test_smoke_two_iterations_and_resume(tmp_path):
     assert sum("eval/success_once" in r for r in rows) == 2  # before RL and after the last iteration
     policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
     assert meta["iteration"] == 2 and any(k.startswith("critic.") for k in extra)
+    capsys.readouterr()
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
     sde.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
+    # a changed hyperparameter is reported; more iterations (the usual reason to resume) are not
+    assert f"--resume with changed options: --target-kl {args.target_kl} -> -1.0\n" in capsys.readouterr().out
     meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]
     assert meta["iteration"] == 3 and meta["global_step"] == 3 * 2 * 2 * args.action_chunk
-    # resuming with another chunk length would mix two decision lengths in one run
-    with pytest.raises(ValueError, match="executed 4 actions per decision, not 2: pass --action-chunk 4 again"):
-        sde.main(replace(args, total_iterations=4, resume=True, action_chunk=2))
+    # resuming with another chunk length would mix two decision lengths in one run, another critic input would
+    # not fit the critic
+    with pytest.raises(ValueError, match="the run has --action-chunk 4, not 2; the run has --critic-input "
+                                         "expert_state, not expert: pass the run's values again"):
+        sde.main(replace(args, total_iterations=4, resume=True, action_chunk=2, critic_input="expert"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
     # critic warm-up, then the actor's lr falls linearly towards 0 at the end of the (resumed, longer) run
