@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -245,3 +246,29 @@ def test_real_size_benchmark_runs_at_the_tiny_size(tmp_path, checkpoint_io):
     # in memory nothing is written; through the disk the script's final checkpoint is there
     assert (tmp_path / "run" / "checkpoint" / "model.safetensors").is_file() == checkpoint_io
     assert vla.load_checkpoint.__module__ == "vla.checkpoint"  # the in-memory patch is undone
+
+
+def test_failure_breakdown_benchmark(tmp_path, capsys):
+    """benchmarks/bench_failures.py sorts failed PickCube episodes by their observations, and runs the scripts'
+    evaluation on a checkpoint."""
+    import importlib.util
+    from pathlib import Path
+    import numpy as np
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_failures.py"
+    spec = importlib.util.spec_from_file_location("bench_failures", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # 5 episodes of 3 env steps: a success; never held; held then dropped; held 5 cm off; held 1 cm off (not static)
+    grasped = np.array([[0, 0, 1, 1, 1], [1, 0, 1, 1, 1], [1, 0, 0, 1, 1]], dtype=bool)  # [T, N]
+    dist = np.array([[0.2] * 5, [0.1] * 5, [0.02, 0.2, 0.2, 0.05, 0.01]])  # [T, N]
+    success = np.array([True, False, False, False, False])
+    assert bench.classify(grasped, dist, success) == ["success", "never grasped", "dropped", "held off the goal",
+                                                      "placed, not static"]
+    write_sft_checkpoint(tmp_path)
+    bench.main(["--checkpoint", str(tmp_path / "sft"), "--episodes", "3", "--num-envs", "2",
+                "--max-episode-steps", "8"])
+    out = capsys.readouterr().out
+    assert "3 episodes, success_once" in out
+    counts = {kind: int(n) for kind, n in re.findall(r"^  (\S.*?) +(\d+)$", out, re.M)}
+    successes = round(float(re.search(r"success_once (\d+)%", out)[1]) * 3 / 100)
+    assert sorted(counts) == sorted(bench.KINDS) and sum(counts.values()) + successes == 3

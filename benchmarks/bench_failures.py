@@ -1,0 +1,112 @@
+"""Where a PickCube policy fails: the RL scripts' evaluation (fixed seeds, deterministic ODE, episodes run to the time
+limit; the same seeds and sampling noise as their `evaluate`) on one checkpoint, each failed episode sorted by what
+its observations show:
+  never grasped        the cube was never held
+  dropped              held at some step, not at the end
+  held off the goal    held at the end, the cube farther than PickCube's goal threshold (2.5 cm) from the goal
+  placed, not static   the cube within the threshold at the end, the robot still moving (success needs both)
+For "held off the goal" it prints the cube-goal distance at the end and over the last 20 env steps (a policy that
+has stopped short of the goal keeps it constant). PickCube state observations only.
+
+Run: .venv/bin/python benchmarks/bench_failures.py --checkpoint runs/flow_sde_ppo/PickCube-v1_1/checkpoint
+     [--action-chunk 4] [--denoise-steps 4] [--episodes 100]
+"""
+
+import argparse
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+import flow_sde_ppo
+import vla
+
+# ManiSkill PickCube-v1 "state" observation: qpos 9, qvel 9, is_grasped 1, tcp_pose 7, goal_pos 3, obj_pose 7,
+# tcp_to_obj_pos 3, obj_to_goal_pos 3
+STATE_DIM, IS_GRASPED, OBJ_TO_GOAL, GOAL_THRESH = 42, 18, slice(39, 42), 0.025
+KINDS = ("never grasped", "dropped", "held off the goal", "placed, not static")
+
+
+def classify(grasped: np.ndarray, dist: np.ndarray, success: np.ndarray) -> list[str]:
+    """grasped, dist (cube-goal distance) [T, N] after each env step of N episodes, success [N] (success_once) ->
+    one label each: "success" or one of KINDS."""
+    labels = []
+    for n in range(grasped.shape[1]):
+        if success[n]:
+            labels.append("success")
+        elif not grasped[:, n].any():
+            labels.append("never grasped")
+        elif not grasped[-1, n]:
+            labels.append("dropped")
+        else:
+            labels.append("held off the goal" if dist[-1, n] > GOAL_THRESH else "placed, not static")
+    return labels
+
+
+def run_episodes(policy, normalizer, envs, args, episodes: int):
+    """The scripts' evaluation rounds, recording every env step -> grasped, dist [T, episodes], success_once
+    [episodes]."""
+    policy.eval()
+    prompts = [envs.prompt] * envs.num_envs
+    grasped, dist, success = [], [], []
+    for r in range(math.ceil(episodes / envs.num_envs)):
+        gen = torch.Generator().manual_seed(args.eval_seed + r)
+        obs = envs.reset(seed=args.eval_seed + r * envs.num_envs)
+        keep = min(envs.num_envs, episodes - r * envs.num_envs)
+        rows, done = [], False  # per env step: (grasped [N], dist [N])
+        while not done:
+            chunk = flow_sde_ppo.sample_actions(policy, normalizer, obs, prompts, args.denoise_steps, envs.action_dim,
+                                                gen)
+            for c in range(args.action_chunk):
+                obs, _, _, _, info = envs.step(chunk[:, c])
+                s = info["final_obs"]["state"]  # the episode's own last observation at the time limit
+                rows.append((s[:, IS_GRASPED] > 0.5, s[:, OBJ_TO_GOAL].norm(dim=1)))
+                if info["episode"]:  # all envs reach the time limit together
+                    success.append(info["episode"]["success_once"][:keep].bool().numpy())
+                    done = True
+                    break
+        grasped.append(torch.stack([g for g, _ in rows])[:, :keep].numpy())
+        dist.append(torch.stack([d for _, d in rows])[:, :keep].numpy())
+    return np.concatenate(grasped, 1), np.concatenate(dist, 1), np.concatenate(success)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="an SFT or RL checkpoint directory")
+    p.add_argument("--action-chunk", type=int, default=4, help="actions executed per decision")
+    p.add_argument("--denoise-steps", type=int, default=4)
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--num-envs", type=int, default=10, help="parallel envs (the scripts' --num-eval-envs)")
+    p.add_argument("--max-episode-steps", type=int, default=80)
+    p.add_argument("--eval-seed", type=int, default=10_000)
+    cli = p.parse_args(argv)
+    torch.set_num_threads(1)
+    policy, normalizer, _, meta = vla.load_checkpoint(cli.checkpoint)
+    if normalizer is None:
+        raise ValueError(f"{cli.checkpoint} has no norm_stats.json: the policy's normalisation is unknown")
+    args = replace(flow_sde_ppo.Args(), action_chunk=cli.action_chunk, denoise_steps=cli.denoise_steps,
+                   eval_seed=cli.eval_seed, max_episode_steps=cli.max_episode_steps,
+                   obs_mode=meta.get("obs_mode", "state"), control_mode=meta.get("control_mode", "pd_ee_delta_pose"),
+                   env_workers=1)
+    if args.obs_mode != "state" or policy.config.state_dim != STATE_DIM:
+        raise ValueError(f"{cli.checkpoint} is not a PickCube state-observation policy ({args.obs_mode}, "
+                         f"{policy.config.state_dim}-D state): this breakdown reads PickCube's state layout")
+    envs = flow_sde_ppo.make_envs(args, cli.num_envs, ignore_terminations=True, device=torch.device("cpu"))
+    grasped, dist, success = run_episodes(policy, normalizer, envs, args, cli.episodes)
+    envs.close()
+    labels = np.array(classify(grasped, dist, success))
+    print(f"{cli.checkpoint}: C = {cli.action_chunk}, K = {cli.denoise_steps}, {len(labels)} episodes, "
+          f"success_once {np.mean(labels == 'success'):.0%}")
+    for kind in KINDS:
+        print(f"  {kind:<20} {np.sum(labels == kind)}")
+    off = labels == "held off the goal"
+    if off.any():
+        end, last20 = dist[-1, off], dist[-20:, off]
+        print(f"  held off the goal: cube-goal distance at the end {np.median(end):.3f} m median "
+              f"({end.min():.3f}-{end.max():.3f}); its change over the last 20 env steps "
+              f"{np.median(last20.max(0) - last20.min(0)):.3f} m median")
+
+
+if __name__ == "__main__":
+    main()
