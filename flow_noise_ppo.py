@@ -218,14 +218,15 @@ def cpu_vector_env(env_id: str, num_envs: int, kw: dict, ignore_terminations: bo
 
 
 def cpu_env_worker(pipe, env_id, num_envs, kw, ignore_terminations):
-    """Subprocess loop: owns a SyncVectorEnv and answers ("reset", seeds), ("step", actions), ("call", name).
+    """Subprocess loop: owns a SyncVectorEnv and answers ("reset", (seeds, options)), ("step", actions), ("call", name).
     All of it in inference mode, see ManiSkillEnvs.cpu_sim."""
     torch.set_num_threads(1)
     with torch.inference_mode():
         env = cpu_vector_env(env_id, num_envs, kw, ignore_terminations)
         try:
             for cmd, arg in iter(pipe.recv, None):
-                pipe.send(env.reset(seed=arg) if cmd == "reset" else env.step(arg) if cmd == "step" else env.call(arg))
+                pipe.send(env.reset(seed=arg[0], options=arg[1]) if cmd == "reset" else env.step(arg) if cmd == "step"
+                          else env.call(arg))
         except EOFError:  # the parent dropped its envs without close() (an error, or exit): nobody is left to answer
             pass
         env.close()
@@ -277,9 +278,9 @@ class ProcessVectorEnv:
     def _split(self, x):
         return [x[b:e] for b, e in zip(self.bounds[:-1], self.bounds[1:])]
 
-    def reset(self, seed):  # an int seeds env i with seed + i, as SyncVectorEnv does
+    def reset(self, seed, options=None):  # an int seeds env i with seed + i, as SyncVectorEnv does
         seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
-        return concat_envs(self._ask("reset", self._split(seeds)), self.sizes)
+        return concat_envs(self._ask("reset", [(s, options) for s in self._split(seeds)]), self.sizes)
 
     def step(self, actions):
         return concat_envs(self._ask("step", self._split(actions)), self.sizes)
@@ -334,9 +335,13 @@ class ManiSkillEnvs:
         the policy, so it runs outside."""
         return torch.inference_mode(not self.gpu)
 
-    def reset(self, seed: int | list[int]):
+    def reset(self, seed: int | list[int], rebuild: bool = False):
+        """rebuild: rebuild the CPU scenes first. A CPU scene keeps contact state across plain resets, so after other
+        episodes the same seeds replay slightly differently (a grasp can go another way); rebuilt, they replay as in
+        new envs. (The GPU scene is not rebuilt: slow for hundreds of sub-scenes, and not measured here.)"""
+        options = {"reconfigure": True} if rebuild and not self.gpu else {}
         with self.cpu_sim():
-            obs, _ = self.env.reset(seed=seed)  # an int seeds env i with seed + i; a list gives each env its own
+            obs, _ = self.env.reset(seed=seed, options=options)  # an int seeds env i with seed + i; a list: its own
         return to_torch_obs(obs, self.device)
 
     def step(self, action: torch.Tensor):
@@ -446,7 +451,7 @@ class LiberoEnvs:
         return {"state": torch.as_tensor(np.stack(state), device=self.device),
                 "images": torch.as_tensor(np.stack(images), device=self.device)}
 
-    def reset(self, seed: int | list[int]):
+    def reset(self, seed: int | list[int], rebuild: bool = False):  # rebuild: ManiSkill's; set_init_state sets the state
         seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
         return self._batch([self._reset_one(i, s) for i, s in enumerate(seeds)])  # seed = init-state index
 
@@ -672,7 +677,8 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank
     results, frames = {}, []
     for r in range(rank, math.ceil(num_episodes / envs.num_envs), world):
         gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(args.eval_seed + r)
-        obs = envs.reset(seed=args.eval_seed + r * envs.num_envs)
+        # scenes rebuilt at each evaluation's start: one policy scores the same at every evaluation, as on new envs
+        obs = envs.reset(seed=args.eval_seed + r * envs.num_envs, rebuild=r == rank)
         keep = min(envs.num_envs, num_episodes - r * envs.num_envs)  # the last round may be partly surplus
         finished = False
         while not finished:

@@ -52,7 +52,7 @@ def run_episodes(policy, normalizer, envs, args, episodes: int):
     grasped, dist, success = [], [], []
     for r in range(math.ceil(episodes / envs.num_envs)):
         gen = torch.Generator().manual_seed(args.eval_seed + r)
-        obs = envs.reset(seed=args.eval_seed + r * envs.num_envs)
+        obs = envs.reset(seed=args.eval_seed + r * envs.num_envs, rebuild=r == 0)  # as the scripts' evaluate
         keep = min(envs.num_envs, episodes - r * envs.num_envs)
         rows, done = [], False  # per env step: (grasped [N], dist [N])
         while not done:
