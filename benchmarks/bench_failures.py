@@ -1,6 +1,5 @@
-"""Where a PickCube policy fails: the RL scripts' evaluation (fixed seeds, deterministic ODE, episodes run to the time
-limit; the same seeds and sampling noise as their `evaluate`) on one checkpoint, each failed episode sorted by what
-its observations show:
+"""Where a PickCube policy fails: the RL scripts' evaluation (flow_sde_ppo.evaluate itself: fixed seeds, deterministic
+ODE, episodes run to the time limit) on one checkpoint, each failed episode sorted by what its observations show:
   never grasped        the cube was never held
   dropped              held at some step, not at the end
   held off the goal    held at the end, the cube farther than PickCube's goal threshold (2.5 cm) from the goal
@@ -13,7 +12,6 @@ Run: .venv/bin/python benchmarks/bench_failures.py --checkpoint runs/flow_sde_pp
 """
 
 import argparse
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -44,31 +42,32 @@ def classify(grasped: np.ndarray, dist: np.ndarray, success: np.ndarray) -> list
     return labels
 
 
-def run_episodes(policy, normalizer, envs, args, episodes: int):
-    """The scripts' evaluation rounds, recording every env step -> grasped, dist [T, episodes], success_once
-    [episodes]."""
-    policy.eval()
-    prompts = [envs.prompt] * envs.num_envs
-    grasped, dist, success = [], [], []
-    for r in range(math.ceil(episodes / envs.num_envs)):
-        gen = torch.Generator().manual_seed(args.eval_seed + r)
-        obs = envs.reset(seed=args.eval_seed + r * envs.num_envs, rebuild=r == 0)  # as the scripts' evaluate
-        keep = min(envs.num_envs, episodes - r * envs.num_envs)
-        rows, done = [], False  # per env step: (grasped [N], dist [N])
-        while not done:
-            chunk = flow_sde_ppo.sample_actions(policy, normalizer, obs, prompts, args.denoise_steps, envs.action_dim,
-                                                gen)
-            for c in range(args.action_chunk):
-                obs, _, _, _, info = envs.step(chunk[:, c])
-                s = info["final_obs"]["state"]  # the episode's own last observation at the time limit
-                rows.append((s[:, IS_GRASPED] > 0.5, s[:, OBJ_TO_GOAL].norm(dim=1)))
-                if info["episode"]:  # all envs reach the time limit together
-                    success.append(info["episode"]["success_once"][:keep].bool().numpy())
-                    done = True
-                    break
-        grasped.append(torch.stack([g for g, _ in rows])[:, :keep].numpy())
-        dist.append(torch.stack([d for _, d in rows])[:, :keep].numpy())
-    return np.concatenate(grasped, 1), np.concatenate(dist, 1), np.concatenate(success)
+class Recorder:
+    """The evaluation envs, recording what every env step shows; flow_sde_ppo.evaluate drives it as it drives the
+    envs, so the episodes are exactly the scripts' evaluation's."""
+
+    def __init__(self, envs):
+        self.envs, self.num_envs, self.prompt, self.action_dim = envs, envs.num_envs, envs.prompt, envs.action_dim
+        self.rounds = []  # per round: [(grasped [N], dist [N]) per env step], success_once [N]
+
+    def reset(self, seed, rebuild=False):
+        self.rounds.append([[], None])
+        return self.envs.reset(seed, rebuild=rebuild)
+
+    def step(self, action):
+        obs, rew, term, trunc, info = self.envs.step(action)
+        s = info["final_obs"]["state"]  # the episode's own last observation at the time limit
+        self.rounds[-1][0].append((s[:, IS_GRASPED] > 0.5, s[:, OBJ_TO_GOAL].norm(dim=1)))
+        if info["episode"]:  # all envs reach the time limit together
+            self.rounds[-1][1] = info["episode"]["success_once"].bool()
+        return obs, rew, term, trunc, info
+
+    def results(self, episodes: int):
+        """-> grasped, dist [T, episodes], success_once [episodes] (the last round may be partly surplus)."""
+        grasped = torch.cat([torch.stack([g for g, _ in steps]) for steps, _ in self.rounds], 1)[:, :episodes]
+        dist = torch.cat([torch.stack([d for _, d in steps]) for steps, _ in self.rounds], 1)[:, :episodes]
+        success = torch.cat([succ for _, succ in self.rounds])[:episodes]
+        return grasped.numpy(), dist.numpy(), success.numpy()
 
 
 def main(argv=None):
@@ -92,12 +91,13 @@ def main(argv=None):
     if args.obs_mode != "state" or policy.config.state_dim != STATE_DIM:
         raise ValueError(f"{cli.checkpoint} is not a PickCube state-observation policy ({args.obs_mode}, "
                          f"{policy.config.state_dim}-D state): this breakdown reads PickCube's state layout")
-    envs = flow_sde_ppo.make_envs(args, cli.num_envs, ignore_terminations=True, device=torch.device("cpu"))
-    grasped, dist, success = run_episodes(policy, normalizer, envs, args, cli.episodes)
-    envs.close()
+    envs = Recorder(flow_sde_ppo.make_envs(args, cli.num_envs, ignore_terminations=True, device=torch.device("cpu")))
+    m = flow_sde_ppo.evaluate(policy, normalizer, envs, args, cli.episodes)
+    envs.envs.close()
+    grasped, dist, success = envs.results(cli.episodes)
     labels = np.array(classify(grasped, dist, success))
     print(f"{cli.checkpoint}: C = {cli.action_chunk}, K = {cli.denoise_steps}, {len(labels)} episodes, "
-          f"success_once {np.mean(labels == 'success'):.0%}")
+          f"success_once {m['success_once']:.0%}")
     for kind in KINDS:
         print(f"  {kind:<20} {np.sum(labels == kind)}")
     off = labels == "held off the goal"
