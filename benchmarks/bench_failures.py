@@ -6,12 +6,16 @@ ODE, episodes run to the time limit) on one checkpoint, each failed episode sort
   placed, not static   the cube within the threshold at the end, the robot still moving (success needs both)
 For "held off the goal" it prints the cube-goal distance at the end and over the last 20 env steps (a policy that
 has stopped short of the goal keeps it constant). PickCube state observations only.
+--scripted runs a hand-written proportional controller instead of a policy on the same episodes (seeds, controller,
+time limit): what the env and its end-effector controller allow without any learning.
 
 Run: .venv/bin/python benchmarks/bench_failures.py --checkpoint runs/flow_sde_ppo/PickCube-v1_1/checkpoint
      [--action-chunk 4] [--denoise-steps 4] [--episodes 100]
+     .venv/bin/python benchmarks/bench_failures.py --scripted
 """
 
 import argparse
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -22,7 +26,7 @@ import vla
 
 # ManiSkill PickCube-v1 "state" observation: qpos 9, qvel 9, is_grasped 1, tcp_pose 7, goal_pos 3, obj_pose 7,
 # tcp_to_obj_pos 3, obj_to_goal_pos 3
-STATE_DIM, IS_GRASPED, OBJ_TO_GOAL, GOAL_THRESH = 42, 18, slice(39, 42), 0.025
+STATE_DIM, IS_GRASPED, TCP_TO_OBJ, OBJ_TO_GOAL, GOAL_THRESH = 42, 18, slice(36, 39), slice(39, 42), 0.025
 KINDS = ("never grasped", "dropped", "held off the goal", "placed, not static")
 
 
@@ -70,9 +74,35 @@ class Recorder:
         return grasped.numpy(), dist.numpy(), success.numpy()
 
 
+def scripted_evaluate(envs, args, num_episodes: int, gain: float = 0.05) -> float:
+    """A proportional pick-and-place controller on the evaluation's episodes (round r: seeds eval_seed + r * N + i,
+    scenes rebuilt at the first round, as flow_sde_ppo.evaluate runs them) -> mean success_once. Per env: move the
+    TCP at the cube with the gripper open, close it for 3 env steps once within 1 cm, then move the cube at the goal
+    (pd_ee_delta_pose: action 1 = the controller's largest xyz step; gain: the distance that gets a full step)."""
+    successes = []
+    for r in range(math.ceil(num_episodes / envs.num_envs)):
+        obs = envs.reset(seed=args.eval_seed + r * envs.num_envs, rebuild=r == 0)
+        phase = torch.zeros(envs.num_envs, dtype=torch.long)  # [N]: 0 reach, 1..3 closing, 4 carry
+        while True:
+            s = obs["state"]
+            reach, carry = phase == 0, phase >= 4
+            a = torch.zeros(envs.num_envs, 7)  # [N, 7]: xyz and rotation deltas, gripper (1 open, -1 closed)
+            a[:, :3] = torch.where(reach[:, None], s[:, TCP_TO_OBJ], torch.where(carry[:, None], s[:, OBJ_TO_GOAL], 0))
+            a[:, :3] = (a[:, :3] / gain).clamp(-1, 1)
+            a[:, 6] = torch.where(reach, 1.0, -1.0)
+            phase = torch.where(reach, (s[:, TCP_TO_OBJ].norm(dim=1) < 0.01).long(), (phase + 1).clamp(max=4))
+            obs, _, _, _, info = envs.step(a)
+            if info["episode"]:  # all envs reach the time limit together
+                successes.append(info["episode"]["success_once"].float())
+                break
+    return torch.cat(successes)[:num_episodes].mean().item()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="an SFT or RL checkpoint directory")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--checkpoint", help="an SFT or RL checkpoint directory")
+    who.add_argument("--scripted", action="store_true", help="the proportional controller instead of a policy")
     p.add_argument("--action-chunk", type=int, default=4, help="actions executed per decision")
     p.add_argument("--denoise-steps", type=int, default=4)
     p.add_argument("--episodes", type=int, default=100)
@@ -81,6 +111,14 @@ def main(argv=None):
     p.add_argument("--eval-seed", type=int, default=10_000)
     cli = p.parse_args(argv)
     torch.set_num_threads(1)
+    if cli.scripted:
+        args = replace(flow_sde_ppo.Args(), eval_seed=cli.eval_seed, max_episode_steps=cli.max_episode_steps,
+                       obs_mode="state", control_mode="pd_ee_delta_pose", env_workers=1)
+        cpu = torch.device("cpu")
+        envs = Recorder(flow_sde_ppo.make_envs(args, cli.num_envs, ignore_terminations=True, device=cpu))
+        success_once = scripted_evaluate(envs, args, cli.episodes)
+        report(envs, cli.episodes, f"scripted controller, {cli.episodes} episodes, success_once {success_once:.0%}")
+        return
     policy, normalizer, _, meta = vla.load_checkpoint(cli.checkpoint)
     if normalizer is None:
         raise ValueError(f"{cli.checkpoint} has no norm_stats.json: the policy's normalisation is unknown")
@@ -93,11 +131,16 @@ def main(argv=None):
                          f"{policy.config.state_dim}-D state): this breakdown reads PickCube's state layout")
     envs = Recorder(flow_sde_ppo.make_envs(args, cli.num_envs, ignore_terminations=True, device=torch.device("cpu")))
     m = flow_sde_ppo.evaluate(policy, normalizer, envs, args, cli.episodes)
+    report(envs, cli.episodes, f"{cli.checkpoint}: C = {cli.action_chunk}, K = {cli.denoise_steps}, "
+                               f"{cli.episodes} episodes, success_once {m['success_once']:.0%}")
+
+
+def report(envs: Recorder, episodes: int, title: str):
+    """Closes the envs; prints the title and the recorded episodes' failures by kind."""
     envs.envs.close()
-    grasped, dist, success = envs.results(cli.episodes)
+    grasped, dist, success = envs.results(episodes)
     labels = np.array(classify(grasped, dist, success))
-    print(f"{cli.checkpoint}: C = {cli.action_chunk}, K = {cli.denoise_steps}, {len(labels)} episodes, "
-          f"success_once {m['success_once']:.0%}")
+    print(title)
     for kind in KINDS:
         print(f"  {kind:<20} {np.sum(labels == kind)}")
     off = labels == "held off the goal"

@@ -272,3 +272,11 @@ def test_failure_breakdown_benchmark(tmp_path, capsys):
     counts = {kind: int(n) for kind, n in re.findall(r"^  (\S.*?) +(\d+)$", out, re.M)}
     successes = round(float(re.search(r"success_once (\d+)%", out)[1]) * 3 / 100)
     assert sorted(counts) == sorted(bench.KINDS) and sum(counts.values()) + successes == 3
+    # the scripted controller on the same episodes: it places both cubes in 40 env steps, and none in 8 (too short to
+    # reach, grasp and carry), each failure counted under one kind
+    for steps, rate in (("40", "100%"), ("8", "0%")):
+        bench.main(["--scripted", "--episodes", "2", "--num-envs", "2", "--max-episode-steps", steps])
+        out = capsys.readouterr().out
+        assert f"scripted controller, 2 episodes, success_once {rate}" in out
+        counts = {kind: int(n) for kind, n in re.findall(r"^  (\S.*?) +(\d+)$", out, re.M)}
+        assert sum(counts.values()) == (0 if rate == "100%" else 2)
