@@ -73,10 +73,12 @@ class Args:
     --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation"""
-    noise_level: float = 0.8
+    noise_level: float = 1.2
     """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise (the paper's default is 0.5, its ablation's best 0.8).
-    On CPU PickCube, Flow-SDE PPO with a = 0.5 / 0.8 ended 30 minutes at 70% / 71% (16 envs), 57% / 69% (64)
-    (see the README's Choices)"""
+    With K = 4 a larger a also spreads the executed actions more: 2.5 / 4 times the ODE's own spread at a = 0.8 /
+    1.2 on PickCube (benchmarks/bench_exploration.py). On CPU PickCube (64 envs, 30 minutes, one run each) Flow-SDE
+    PPO ended at 57% / 69% with a = 0.5 / 0.8 (envs in one process), and with the env workers at 90% / 93% with
+    a = 0.8 / 1.2, GRPO at 89% / 92% (see the README's Choices)"""
     ratio_level: str = "chunk"
     """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim)"""
     critic_input: str = "expert_state"

@@ -26,7 +26,7 @@ import vla
 
 # ManiSkill PickCube-v1 "state" observation: qpos 9, qvel 9, is_grasped 1, tcp_pose 7, goal_pos 3, obj_pose 7,
 # tcp_to_obj_pos 3, obj_to_goal_pos 3
-STATE_DIM, IS_GRASPED, TCP_TO_OBJ, OBJ_TO_GOAL, GOAL_THRESH = 42, 18, slice(36, 39), slice(39, 42), 0.025
+STATE_DIM, IS_GRASPED, GOAL_Z, TCP_TO_OBJ, OBJ_TO_GOAL, GOAL_THRESH = 42, 18, 28, slice(36, 39), slice(39, 42), 0.025
 KINDS = ("never grasped", "dropped", "held off the goal", "placed, not static")
 
 
@@ -52,7 +52,7 @@ class Recorder:
 
     def __init__(self, envs):
         self.envs, self.num_envs, self.prompt, self.action_dim = envs, envs.num_envs, envs.prompt, envs.action_dim
-        self.rounds = []  # per round: [(grasped [N], dist [N]) per env step], success_once [N]
+        self.rounds = []  # per round: [(grasped [N], dist [N], height [N]) per env step], success_once [N]
 
     def reset(self, seed, rebuild=False):
         self.rounds.append([[], None])
@@ -61,17 +61,20 @@ class Recorder:
     def step(self, action):
         obs, rew, term, trunc, info = self.envs.step(action)
         s = info["final_obs"]["state"]  # the episode's own last observation at the time limit
-        self.rounds[-1][0].append((s[:, IS_GRASPED] > 0.5, s[:, OBJ_TO_GOAL].norm(dim=1)))
+        # height: the cube's height above the goal (obj_to_goal is goal - cube)
+        self.rounds[-1][0].append((s[:, IS_GRASPED] > 0.5, s[:, OBJ_TO_GOAL].norm(dim=1), -s[:, OBJ_TO_GOAL][:, 2],
+                                   s[:, GOAL_Z]))
         if info["episode"]:  # all envs reach the time limit together
             self.rounds[-1][1] = info["episode"]["success_once"].bool()
         return obs, rew, term, trunc, info
 
     def results(self, episodes: int):
-        """-> grasped, dist [T, episodes], success_once [episodes] (the last round may be partly surplus)."""
-        grasped = torch.cat([torch.stack([g for g, _ in steps]) for steps, _ in self.rounds], 1)[:, :episodes]
-        dist = torch.cat([torch.stack([d for _, d in steps]) for steps, _ in self.rounds], 1)[:, :episodes]
+        """-> grasped, dist (cube-goal distance), height (the cube's above the goal), goal_z [T, episodes],
+        success_once [episodes] (the last round may be partly surplus)."""
+        per_step = [torch.cat([torch.stack([x[i] for x in steps]) for steps, _ in self.rounds], 1)[:, :episodes].numpy()
+                    for i in range(4)]
         success = torch.cat([succ for _, succ in self.rounds])[:episodes]
-        return grasped.numpy(), dist.numpy(), success.numpy()
+        return (*per_step, success.numpy())
 
 
 def scripted_evaluate(envs: Recorder, args, num_episodes: int, gain: float = 0.05):
@@ -131,20 +134,32 @@ def main(argv=None):
     report(envs, cli.episodes, f"{cli.checkpoint}: C = {cli.action_chunk}, K = {cli.denoise_steps}")
 
 
+def held_off(dist: np.ndarray, height: np.ndarray, goal_z: np.ndarray, labels: np.ndarray) -> dict:
+    """The "held off the goal" episodes (dist, height [T, N] per env step, goal_z [T, N], labels [N] from classify):
+    cube-goal distance at the end (median, min, max), its change over the last 20 env steps (median), how many end
+    with the cube more than half the threshold above the goal, and the median goal height of these episodes and of
+    the successes."""
+    off, ok = labels == "held off the goal", labels == "success"
+    end, last20 = dist[-1, off], dist[-20:, off]
+    return dict(count=int(off.sum()), end=(np.median(end), end.min(), end.max()),
+                moved=np.median(last20.max(0) - last20.min(0)), above=int((height[-1, off] > GOAL_THRESH / 2).sum()),
+                goal_z=np.median(goal_z[0, off]), goal_z_success=np.median(goal_z[0, ok]) if ok.any() else float("nan"))
+
+
 def report(envs: Recorder, episodes: int, who: str):
     """Closes the envs; prints the recorded episodes' success rate and their failures by kind."""
     envs.envs.close()
-    grasped, dist, success = envs.results(episodes)
+    grasped, dist, height, goal_z, success = envs.results(episodes)
     labels = np.array(classify(grasped, dist, success))
     print(f"{who}, {episodes} episodes, success_once {success.mean():.0%}")
     for kind in KINDS:
         print(f"  {kind:<20} {np.sum(labels == kind)}")
-    off = labels == "held off the goal"
-    if off.any():
-        end, last20 = dist[-1, off], dist[-20:, off]
-        print(f"  held off the goal: cube-goal distance at the end {np.median(end):.3f} m median "
-              f"({end.min():.3f}-{end.max():.3f}); its change over the last 20 env steps "
-              f"{np.median(last20.max(0) - last20.min(0)):.3f} m median")
+    if (labels == "held off the goal").any():
+        h = held_off(dist, height, goal_z, labels)
+        print(f"  held off the goal: cube-goal distance at the end {h['end'][0]:.3f} m median "
+              f"({h['end'][1]:.3f}-{h['end'][2]:.3f}); its change over the last 20 env steps {h['moved']:.3f} m median")
+        print(f"  held off the goal: the cube more than {GOAL_THRESH / 2 * 100:.3g} cm above the goal in {h['above']} "
+              f"of {h['count']}; goal height {h['goal_z']:.3f} m median (successes': {h['goal_z_success']:.3f} m)")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE update-cost ratio.
 
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
-"sde", "noise", "grpo" are the scripts' defaults (64 envs, 4 actions per decision); the other entries of RUNS rerun
-earlier tables' settings, all with 8 actions per decision (the default before the nineteenth session; *_c8 are those
-defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all
-envs in one process (--env-workers 1), the paper's noise level 0.5.
+"sde", "noise", "grpo" are the scripts' defaults (64 envs, 4 actions per decision, Flow-SDE noise level 1.2,
+Flow-Noise std 0.16-0.32); *_a08 / *_a12 set the Flow-SDE noise level (0.8 until the twenty-second session),
+noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then); the other entries of RUNS rerun earlier
+tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the nineteenth
+session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session,
+GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -32,32 +34,47 @@ ONE_PROC = dict(env_workers=1)  # every env in the script's own process: one cor
 # GRPO rolls whole episodes (no num_steps) and has no critic (no gamma / lambda): only the chunk changes.
 C8 = dict(action_chunk=8, num_steps=10, gamma=0.9, gae_lambda=0.95)
 C8_GRPO = dict(action_chunk=8)
+A08 = dict(noise_level=0.8)  # the Flow-SDE noise level of every run before the twenty-second session
+S08 = dict(sigma_min=0.08, sigma_max=0.16)  # Flow-Noise's std bounds, likewise
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
     "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
     "grpo": (flow_grpo, {}, "GRPO (Flow-SDE)"),
-    "sde_c8": (flow_sde_ppo, C8, "Flow-SDE PPO, 8 actions per decision"),
-    "noise_c8": (flow_noise_ppo, C8, "Flow-Noise PPO, 8 actions per decision"),
-    "grpo_c8": (flow_grpo, C8_GRPO, "GRPO, 8 actions per decision"),
-    "grpo_seed2": (flow_grpo, C8_GRPO | dict(seed=2), "GRPO, seed 2"),
-    "sde_seed2": (flow_sde_ppo, C8 | dict(seed=2), "Flow-SDE PPO, seed 2"),
-    "sde_2e5": (flow_sde_ppo, C8 | SDE_2E5, "Flow-SDE PPO, lr 2e-5 annealed, no target KL"),
-    "sde_2e5_seed2": (flow_sde_ppo, C8 | SDE_2E5 | dict(seed=2), "Flow-SDE PPO, lr 2e-5 annealed, no target KL, seed 2"),
-    "sde_const": (flow_sde_ppo, C8 | SDE_CONST, "Flow-SDE PPO, constant lr 1e-5"),
-    "sde_const_seed2": (flow_sde_ppo, C8 | SDE_CONST | dict(seed=2), "Flow-SDE PPO, constant lr 1e-5, seed 2"),
-    "noise_seed2": (flow_noise_ppo, C8 | dict(seed=2), "Flow-Noise PPO, seed 2"),
-    "grpo_g4": (flow_grpo, C8_GRPO | dict(group_size=4), "GRPO, groups of 4"),
-    "grpo_anneal": (flow_grpo, C8_GRPO | dict(anneal_lr=True, lr=2e-5), "GRPO, lr 2e-5 annealed to 0"),
-    "noise_anneal": (flow_noise_ppo, C8 | dict(anneal_lr=True, lr=2e-5), "Flow-Noise PPO, lr 2e-5 annealed to 0"),
-    "sde_tkl": (flow_sde_ppo, C8 | dict(lr=3e-5, target_kl=0.05), "Flow-SDE PPO, lr 3e-5 annealed, target KL 0.05"),
-    "sde_tkl_seed2": (flow_sde_ppo, C8 | dict(lr=3e-5, target_kl=0.05, seed=2),
+    "sde_c8": (flow_sde_ppo, A08 | C8, "Flow-SDE PPO, 8 actions per decision"),
+    "noise_c8": (flow_noise_ppo, S08 | C8, "Flow-Noise PPO, 8 actions per decision"),
+    "grpo_c8": (flow_grpo, A08 | C8_GRPO, "GRPO, 8 actions per decision"),
+    "grpo_seed2": (flow_grpo, A08 | C8_GRPO | dict(seed=2), "GRPO, seed 2"),
+    "sde_seed2": (flow_sde_ppo, A08 | C8 | dict(seed=2), "Flow-SDE PPO, seed 2"),
+    "sde_2e5": (flow_sde_ppo, A08 | C8 | SDE_2E5, "Flow-SDE PPO, lr 2e-5 annealed, no target KL"),
+    "sde_2e5_seed2": (flow_sde_ppo, A08 | C8 | SDE_2E5 | dict(seed=2),
+                      "Flow-SDE PPO, lr 2e-5 annealed, no target KL, seed 2"),
+    "sde_const": (flow_sde_ppo, A08 | C8 | SDE_CONST, "Flow-SDE PPO, constant lr 1e-5"),
+    "sde_const_seed2": (flow_sde_ppo, A08 | C8 | SDE_CONST | dict(seed=2),
+                        "Flow-SDE PPO, constant lr 1e-5, seed 2"),
+    "noise_seed2": (flow_noise_ppo, S08 | C8 | dict(seed=2), "Flow-Noise PPO, seed 2"),
+    "grpo_g4": (flow_grpo, A08 | C8_GRPO | dict(group_size=4), "GRPO, groups of 4"),
+    "grpo_anneal": (flow_grpo, A08 | C8_GRPO | dict(anneal_lr=True, lr=2e-5), "GRPO, lr 2e-5 annealed to 0"),
+    "noise_anneal": (flow_noise_ppo, S08 | C8 | dict(anneal_lr=True, lr=2e-5),
+                     "Flow-Noise PPO, lr 2e-5 annealed to 0"),
+    "sde_tkl": (flow_sde_ppo, A08 | C8 | dict(lr=3e-5, target_kl=0.05),
+                "Flow-SDE PPO, lr 3e-5 annealed, target KL 0.05"),
+    "sde_tkl_seed2": (flow_sde_ppo, A08 | C8 | dict(lr=3e-5, target_kl=0.05, seed=2),
                       "Flow-SDE PPO, lr 3e-5 annealed, target KL 0.05, seed 2"),
-    "sde16": (flow_sde_ppo, C8 | SIXTEEN | SDE_CONST, "Flow-SDE PPO, 16 envs"),
-    "grpo16": (flow_grpo, C8_GRPO | SIXTEEN, "GRPO, 16 envs"),
-    "sde16_1proc": (flow_sde_ppo, C8 | SIXTEEN | ONE_PROC | SDE_CONST, "Flow-SDE PPO, 16 envs in one process"),
-    "noise16_1proc": (flow_noise_ppo, C8 | SIXTEEN | ONE_PROC, "Flow-Noise PPO, 16 envs in one process"),
-    "grpo16_1proc": (flow_grpo, C8_GRPO | SIXTEEN | ONE_PROC, "GRPO, 16 envs in one process"),
-    "sde16_a05_1proc": (flow_sde_ppo, C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
+    "sde16": (flow_sde_ppo, A08 | C8 | SIXTEEN | SDE_CONST, "Flow-SDE PPO, 16 envs"),
+    "grpo16": (flow_grpo, A08 | C8_GRPO | SIXTEEN, "GRPO, 16 envs"),
+    "sde16_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST,
+                    "Flow-SDE PPO, 16 envs in one process"),
+    "noise16_1proc": (flow_noise_ppo, S08 | C8 | SIXTEEN | ONE_PROC, "Flow-Noise PPO, 16 envs in one process"),
+    "grpo16_1proc": (flow_grpo, A08 | C8_GRPO | SIXTEEN | ONE_PROC, "GRPO, 16 envs in one process"),
+    # the twenty-second session's runs: the Flow-SDE noise level and Flow-Noise std bounds of the scripts until then
+    # (0.8, 0.08-0.16) and their new defaults
+    "sde_a08": (flow_sde_ppo, dict(noise_level=0.8), "Flow-SDE PPO, a = 0.8"),
+    "grpo_a08": (flow_grpo, dict(noise_level=0.8), "GRPO, a = 0.8"),
+    "sde_a12": (flow_sde_ppo, dict(noise_level=1.2), "Flow-SDE PPO, a = 1.2"),
+    "grpo_a12": (flow_grpo, dict(noise_level=1.2), "GRPO, a = 1.2"),
+    "noise_s08": (flow_noise_ppo, S08, "Flow-Noise PPO, sigma 0.08-0.16"),
+    "noise_s2x": (flow_noise_ppo, dict(sigma_min=0.16, sigma_max=0.32), "Flow-Noise PPO, sigma 0.16-0.32"),
+    "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
 OUT = Path("runs/bench_rl")

@@ -49,7 +49,7 @@ class AnalyticPolicy:
         return analytic_velocity(x, torch.as_tensor(t).expand(x.shape[0])), None
 
 
-@pytest.mark.parametrize("a", [0.5, 0.8])  # the paper's default and ours
+@pytest.mark.parametrize("a", [0.5, 0.8, 1.2])  # the paper's default and best, ours
 def test_sde_keeps_ode_marginals_on_gaussian_target(a):
     torch.manual_seed(0)
     N, K = 40_000, 100
@@ -264,6 +264,12 @@ def test_failure_breakdown_benchmark(tmp_path, capsys):
     success = np.array([True, False, False, False, False])
     assert bench.classify(grasped, dist, success) == ["success", "never grasped", "dropped", "held off the goal",
                                                       "placed, not static"]
+    # the held-off episode: 5 cm off, 3 cm above a goal 4 cm high; the success's goal 20 cm high
+    height = np.array([[0.1] * 5, [0.05] * 5, [0.0, 0.1, 0.1, 0.03, 0.0]])  # [T, N]
+    goal_z = np.array([[0.2, 0.1, 0.1, 0.04, 0.1]] * 3)  # [T, N]
+    h = bench.held_off(dist, height, goal_z, np.array(bench.classify(grasped, dist, success)))
+    assert h["count"] == 1 and h["end"] == (0.05, 0.05, 0.05) and h["above"] == 1
+    assert h["moved"] == pytest.approx(0.15) and h["goal_z"] == 0.04 and h["goal_z_success"] == 0.2
     write_sft_checkpoint(tmp_path)
     bench.main(["--checkpoint", str(tmp_path / "sft"), "--episodes", "3", "--num-envs", "2",
                 "--max-episode-steps", "8"])
@@ -280,3 +286,55 @@ def test_failure_breakdown_benchmark(tmp_path, capsys):
         assert f"scripted controller, 2 episodes, success_once {rate}" in out
         counts = {kind: int(n) for kind, n in re.findall(r"^  (\S.*?) +(\d+)$", out, re.M)}
         assert sum(counts.values()) == (0 if rate == "100%" else 2)
+
+
+
+class PointMassPolicy:
+    """The exact velocity field of actions that are a point mass at each state's first entry (x_t = (1 - t) mu +
+    t eps): v = (x - mu) / t. Euler's last step (t = 1/K) lands exactly on mu, whatever the initial noise."""
+    spec = {"chunk_size": 8, "max_action_dim": 8, "expert_hidden": 16}
+
+    def encode_prefix(self, state, prompts, images=None):
+        return SimpleNamespace(mask=torch.ones(state.shape[0], 1), mu=state[:, :1, None])
+
+    def velocity(self, prefix, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1)
+        return (x - prefix.mu) / t, torch.zeros(*x.shape[:2], self.spec["expert_hidden"])
+
+
+def test_exploration_benchmark(tmp_path, capsys):
+    """benchmarks/bench_exploration.py measures what the stochastic samplers add to the ODE's action spread: none
+    for a point-mass target (the ODE is exact there), sigma per entry for Flow-Noise, more with a for Flow-SDE; with
+    no noise either sampler is the ODE from the same initial noises."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_exploration.py"
+    spec = importlib.util.spec_from_file_location("bench_exploration", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    _, norm = tiny_policy(7)
+    args = replace(sde.Args(), action_chunk=4, denoise_steps=4)
+    obs, prompts = {"state": torch.randn(5, 42), "images": None}, ["pick up the cube"] * 5  # [S, D]
+    out = bench.spreads(PointMassPolicy(), norm, obs, prompts, 7, args, [0.5, 1.0, 2.0], [0.1, 0.3], samples=400)
+    scale = norm.unnormalize("actions", torch.ones(7)) - norm.unnormalize("actions", torch.zeros(7))  # [A]
+    assert out["ODE"].abs().max() < 1e-5
+    for s in (0.1, 0.3):  # the last step's noise alone reaches the action: std s in normalised units
+        torch.testing.assert_close(out[f"Flow-Noise sigma = {s:g}"], s * scale.abs(), rtol=0.05, atol=0)
+    assert (0 < out["Flow-SDE a = 0.5"]).all() and (out["Flow-SDE a = 0.5"] < out["Flow-SDE a = 1"]).all()
+    assert (out["Flow-SDE a = 1"] < out["Flow-SDE a = 2"]).all()
+    # a trained-like field: with next to no step noise both stochastic samplers are the ODE
+    policy, norm = tiny_policy(7)
+    out = bench.spreads(policy.eval(), norm, obs, prompts, 7, args, [1e-6], [1e-6], samples=16)
+    torch.testing.assert_close(out["Flow-SDE a = 1e-06"], out["ODE"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(out["Flow-Noise sigma = 1e-06"], out["ODE"], rtol=1e-3, atol=1e-6)
+    # end to end on the evaluation's first episodes
+    write_sft_checkpoint(tmp_path)
+    bench.main(["--checkpoint", str(tmp_path / "sft"), "--num-envs", "2", "--max-episode-steps", "8", "--samples", "4",
+                "--noise-levels", "0.8", "--sigmas", "0.1"])
+    out = capsys.readouterr().out
+    assert "4 states of its evaluation episodes" in out  # 2 envs x 2 decisions of 4 actions
+    rows = re.findall(r"^  (ODE|Flow-SDE a = 0.8|Flow-Noise sigma = 0.1) +((?:[\d.]+ ?){7})$", out, re.M)
+    assert [r[0] for r in rows] == ["ODE", "Flow-SDE a = 0.8", "Flow-Noise sigma = 0.1"]
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        bench.main(["--checkpoint", str(tmp_path / "sft"), "--samples", "1"])
