@@ -110,6 +110,6 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="outputs 6-D actions but PickCube-v1"):
         fn.main(small_rl_args(fn, tmp_path))
     with pytest.raises(ValueError, match="sigma-min"):
-        fn.main(replace(small_rl_args(fn, tmp_path), sigma_min=0.3))
+        fn.main(replace(small_rl_args(fn, tmp_path), sigma_min=0.5))  # above the default sigma_max 0.32
     with pytest.raises(ValueError, match="does not split into 3"):
         fn.main(replace(small_rl_args(fn, tmp_path), num_minibatches=3))
