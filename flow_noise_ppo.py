@@ -76,7 +76,7 @@ class Args:
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
     session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about
     in proportion (benchmarks/bench_exploration.py). On CPU PickCube (64 envs, 30 minutes, one run each) 0.16-0.32
-    ended at 86% after 491k env steps, 0.08-0.16 at 72% after 461k (see the README's Choices)"""
+    ended at 86% after 492k env steps, 0.08-0.16 at 72% after 461k (see the README's Choices)"""
     sigma_max: float = 0.32
     """upper bound of the noise head's std"""
     entropy_coef: float = 0.005

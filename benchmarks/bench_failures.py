@@ -52,7 +52,7 @@ class Recorder:
 
     def __init__(self, envs):
         self.envs, self.num_envs, self.prompt, self.action_dim = envs, envs.num_envs, envs.prompt, envs.action_dim
-        self.rounds = []  # per round: [(grasped [N], dist [N], height [N]) per env step], success_once [N]
+        self.rounds = []  # per round: [(grasped, dist, height, goal_z, each [N]) per env step], success_once [N]
 
     def reset(self, seed, rebuild=False):
         self.rounds.append([[], None])
