@@ -1,11 +1,22 @@
 """Helpers shared by the RL script tests."""
 
+import importlib.util
 from dataclasses import fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import vla
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks folder is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_policy(action_dim=7, state_dim=42, seed=0):

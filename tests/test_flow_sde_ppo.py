@@ -11,7 +11,7 @@ import torch
 
 import flow_sde_ppo as sde
 import vla
-from conftest import small_rl_args, tiny_policy, write_sft_checkpoint
+from conftest import load_benchmark, small_rl_args, tiny_policy, write_sft_checkpoint
 
 
 def test_sde_logp_equals_torch_normal():
@@ -233,12 +233,7 @@ def test_micro_batches_and_checkpointing_give_the_minibatch_gradient():
 def test_real_size_benchmark_runs_at_the_tiny_size(tmp_path, checkpoint_io):
     """benchmarks/bench_scale.py drives the script on rgb observations with micro-batches and checkpointing, with
     the policy handed over in memory or through a checkpoint on disk."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
-    spec = importlib.util.spec_from_file_location("bench_scale", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_scale")
     bench.main(["--preset", "tiny", "--num-envs", "2", "--num-steps", "2", "--max-episode-steps", "10",
                 "--micro-batch-size", "1", "--out", str(tmp_path)] + ["--checkpoint-io"] * checkpoint_io)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -251,13 +246,8 @@ def test_real_size_benchmark_runs_at_the_tiny_size(tmp_path, checkpoint_io):
 def test_failure_breakdown_benchmark(tmp_path, capsys):
     """benchmarks/bench_failures.py sorts failed PickCube episodes by their observations, and runs the scripts'
     evaluation on a checkpoint."""
-    import importlib.util
-    from pathlib import Path
     import numpy as np
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_failures.py"
-    spec = importlib.util.spec_from_file_location("bench_failures", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_failures")
     # 5 episodes of 3 env steps: a success; never held; held then dropped; held 5 cm off; held 1 cm off (not static)
     grasped = np.array([[0, 0, 1, 1, 1], [1, 0, 1, 1, 1], [1, 0, 0, 1, 1]], dtype=bool)  # [T, N]
     dist = np.array([[0.2] * 5, [0.1] * 5, [0.02, 0.2, 0.2, 0.05, 0.01]])  # [T, N]
@@ -288,7 +278,6 @@ def test_failure_breakdown_benchmark(tmp_path, capsys):
         assert sum(counts.values()) == (0 if rate == "100%" else 2)
 
 
-
 class PointMassPolicy:
     """The exact velocity field of actions that are a point mass at each state's first entry (x_t = (1 - t) mu +
     t eps): v = (x - mu) / t. Euler's last step (t = 1/K) lands exactly on mu, whatever the initial noise."""
@@ -306,12 +295,7 @@ def test_exploration_benchmark(tmp_path, capsys):
     """benchmarks/bench_exploration.py measures what the stochastic samplers add to the ODE's action spread: none
     for a point-mass target (the ODE is exact there), sigma per entry for Flow-Noise, more with a for Flow-SDE; with
     no noise either sampler is the ODE from the same initial noises."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_exploration.py"
-    spec = importlib.util.spec_from_file_location("bench_exploration", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_exploration")
     torch.manual_seed(0)
     _, norm = tiny_policy(7)
     args = replace(sde.Args(), action_chunk=4, denoise_steps=4)
