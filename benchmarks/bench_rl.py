@@ -3,11 +3,12 @@ rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE upd
 
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
 "sde", "noise", "grpo" are the scripts' defaults (64 envs, 4 actions per decision, Flow-SDE noise level 1.2,
-Flow-Noise std 0.16-0.32); *_a08 / *_a12 set the Flow-SDE noise level (0.8 until the twenty-second session),
-noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then); the other entries of RUNS rerun earlier
-tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the nineteenth
-session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session,
-GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
+Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second
+session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of
+these; the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions
+per decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
+scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
+paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -74,6 +75,13 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "grpo_a12": (flow_grpo, dict(noise_level=1.2), "GRPO, a = 1.2"),
     "noise_s08": (flow_noise_ppo, S08, "Flow-Noise PPO, sigma 0.08-0.16"),
     "noise_s2x": (flow_noise_ppo, dict(sigma_min=0.16, sigma_max=0.32), "Flow-Noise PPO, sigma 0.16-0.32"),
+    # the twenty-third session's: other seeds of the new defaults (noise_s2x_seed2 not yet run), and a = 1.6
+    "sde_a12_seed2": (flow_sde_ppo, dict(noise_level=1.2, seed=2), "Flow-SDE PPO, a = 1.2, seed 2"),
+    "sde_a12_seed3": (flow_sde_ppo, dict(noise_level=1.2, seed=3), "Flow-SDE PPO, a = 1.2, seed 3"),
+    "grpo_a12_seed2": (flow_grpo, dict(noise_level=1.2, seed=2), "GRPO, a = 1.2, seed 2"),
+    "noise_s2x_seed2": (flow_noise_ppo, dict(sigma_min=0.16, sigma_max=0.32, seed=2),
+                        "Flow-Noise PPO, sigma 0.16-0.32, seed 2"),
+    "sde_a16": (flow_sde_ppo, dict(noise_level=1.6), "Flow-SDE PPO, a = 1.6"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
