@@ -2,10 +2,12 @@
 rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE update-cost ratio.
 
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
+[--plot-file docs/learning_curves.png]
 "sde", "noise", "grpo" are the scripts' defaults (64 envs, 4 actions per decision, Flow-SDE noise level 1.2,
 Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second
 session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of
-these; the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions
+these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor
+step); the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions
 per decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
 scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
 paper's noise level 0.5.
@@ -37,6 +39,7 @@ C8 = dict(action_chunk=8, num_steps=10, gamma=0.9, gae_lambda=0.95)
 C8_GRPO = dict(action_chunk=8)
 A08 = dict(noise_level=0.8)  # the Flow-SDE noise level of every run before the twenty-second session
 S08 = dict(sigma_min=0.08, sigma_max=0.16)  # Flow-Noise's std bounds, likewise
+S2X = dict(sigma_min=0.16, sigma_max=0.32)  # Flow-Noise's std bounds since the twenty-second session
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
     "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
@@ -82,6 +85,11 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "noise_s2x_seed2": (flow_noise_ppo, dict(sigma_min=0.16, sigma_max=0.32, seed=2),
                         "Flow-Noise PPO, sigma 0.16-0.32, seed 2"),
     "sde_a16": (flow_sde_ppo, dict(noise_level=1.6), "Flow-SDE PPO, a = 1.6"),
+    # the twenty-fourth session's: Flow-Noise PPO with Flow-SDE PPO's KL stop (and its annealed 3e-5 actor step)
+    "noise_kl05": (flow_noise_ppo, S2X | dict(target_kl=0.05), "Flow-Noise PPO, target KL 0.05"),
+    "noise_kl05_lr3e5": (flow_noise_ppo, S2X | dict(target_kl=0.05, lr=3e-5, anneal_lr=True),
+                         "Flow-Noise PPO, lr 3e-5 annealed, target KL 0.05"),
+    "noise_kl05_seed2": (flow_noise_ppo, S2X | dict(target_kl=0.05, seed=2), "Flow-Noise PPO, target KL 0.05, seed 2"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
@@ -106,7 +114,7 @@ def read(algo):
     return [r for r in rows if "rollout_time" in r], [r for r in rows if "eval/success_once" in r]
 
 
-def plot(algos):
+def plot(algos, out="docs/learning_curves.png"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,9 +138,9 @@ def plot(algos):
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=9)  # below, off the curves
     fig.suptitle("PickCube-v1 (state obs, tiny preset) from one few-shot SFT checkpoint")
     fig.tight_layout(rect=(0, 0.19, 1, 1))
-    Path("docs").mkdir(exist_ok=True)
-    fig.savefig("docs/learning_curves.png", dpi=110)
-    print("wrote docs/learning_curves.png")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 def main():
@@ -141,6 +149,7 @@ def main():
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--eval-every", type=int, default=16, help="iterations between evaluations (100 episodes each)")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--plot-file", default="docs/learning_curves.png", help="where the learning-curve plot goes")
     cli = p.parse_args()
     if not cli.plot_only:
         for algo in cli.algos:
@@ -167,7 +176,7 @@ def main():
               f"{tr[-1]['train_time'] / 60:>10.1f} {sps:>12.0f} {sps / raw:>6.2f} {upd[algo]:>9.2f}")
     if "sde" in upd and "noise" in upd:
         print(f"update cost, Flow-Noise / Flow-SDE at equal batch: {upd['noise'] / upd['sde']:.2f}x")
-    plot(cli.algos)
+    plot(cli.algos, cli.plot_file)
 
 
 if __name__ == "__main__":
