@@ -77,13 +77,12 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde_a12": (flow_sde_ppo, dict(noise_level=1.2), "Flow-SDE PPO, a = 1.2"),
     "grpo_a12": (flow_grpo, dict(noise_level=1.2), "GRPO, a = 1.2"),
     "noise_s08": (flow_noise_ppo, S08, "Flow-Noise PPO, sigma 0.08-0.16"),
-    "noise_s2x": (flow_noise_ppo, dict(sigma_min=0.16, sigma_max=0.32), "Flow-Noise PPO, sigma 0.16-0.32"),
+    "noise_s2x": (flow_noise_ppo, S2X, "Flow-Noise PPO, sigma 0.16-0.32"),
     # the twenty-third session's: other seeds of the new defaults (noise_s2x_seed2 not yet run), and a = 1.6
     "sde_a12_seed2": (flow_sde_ppo, dict(noise_level=1.2, seed=2), "Flow-SDE PPO, a = 1.2, seed 2"),
     "sde_a12_seed3": (flow_sde_ppo, dict(noise_level=1.2, seed=3), "Flow-SDE PPO, a = 1.2, seed 3"),
     "grpo_a12_seed2": (flow_grpo, dict(noise_level=1.2, seed=2), "GRPO, a = 1.2, seed 2"),
-    "noise_s2x_seed2": (flow_noise_ppo, dict(sigma_min=0.16, sigma_max=0.32, seed=2),
-                        "Flow-Noise PPO, sigma 0.16-0.32, seed 2"),
+    "noise_s2x_seed2": (flow_noise_ppo, S2X | dict(seed=2), "Flow-Noise PPO, sigma 0.16-0.32, seed 2"),
     "sde_a16": (flow_sde_ppo, dict(noise_level=1.6), "Flow-SDE PPO, a = 1.6"),
     # the twenty-fourth session's: Flow-Noise PPO with Flow-SDE PPO's KL stop (and its annealed 3e-5 actor step)
     "noise_kl05": (flow_noise_ppo, S2X | dict(target_kl=0.05), "Flow-Noise PPO, target KL 0.05"),
