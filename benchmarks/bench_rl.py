@@ -7,10 +7,10 @@ Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes
 Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second
 session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of
 these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor
-step); the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions
-per decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
-scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
-paper's noise level 0.5.
+step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5; the other entries of RUNS rerun earlier tables' settings (at
+a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the nineteenth session; *_c8 are
+those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the
+fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -89,6 +89,11 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "noise_kl05_lr3e5": (flow_noise_ppo, S2X | dict(target_kl=0.05, lr=3e-5, anneal_lr=True),
                          "Flow-Noise PPO, lr 3e-5 annealed, target KL 0.05"),
     "noise_kl05_seed2": (flow_noise_ppo, S2X | dict(target_kl=0.05, seed=2), "Flow-Noise PPO, target KL 0.05, seed 2"),
+    # the twenty-fifth session's: half the epochs at twice the step (the same step x epochs per iteration), so the
+    # 6-7 s update halves and 30 minutes hold more iterations
+    "noise_e2": (flow_noise_ppo, S2X | dict(update_epochs=2, lr=2e-5), "Flow-Noise PPO, 2 epochs, lr 2e-5"),
+    "noise_e2_seed2": (flow_noise_ppo, S2X | dict(update_epochs=2, lr=2e-5, seed=2),
+                       "Flow-Noise PPO, 2 epochs, lr 2e-5, seed 2"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
