@@ -136,8 +136,8 @@ class Args:
     """gradient-norm clip"""
     target_kl: float | None = None
     """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"). Off by default: on CPU
-    PickCube from the 29% SFT start, Flow-SDE PPO's 0.05 ended 30 minutes at 93 / 81% in two seeds (against 86% for
-    the default, one run), 92% with its annealed lr 3e-5 too; at lr 1e-5 it stopped only 9-28% of updates early"""
+    PickCube from the 29% SFT start, Flow-SDE PPO's 0.05 ended 30 minutes at 93 / 81% in two seeds (the default's
+    seed 1: 86%), 92% with its annealed lr 3e-5 too; at lr 1e-5 it stopped only 9-28% of updates early"""
     eval_every: int = 10
     """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
     eval_episodes: int = 100

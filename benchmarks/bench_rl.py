@@ -78,7 +78,8 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "grpo_a12": (flow_grpo, dict(noise_level=1.2), "GRPO, a = 1.2"),
     "noise_s08": (flow_noise_ppo, S08, "Flow-Noise PPO, sigma 0.08-0.16"),
     "noise_s2x": (flow_noise_ppo, S2X, "Flow-Noise PPO, sigma 0.16-0.32"),
-    # the twenty-third session's: other seeds of the new defaults (noise_s2x_seed2 not yet run), and a = 1.6
+    # the twenty-third session's: other seeds of the new defaults (noise_s2x_seed2 first run in the twenty-fifth),
+    # and a = 1.6
     "sde_a12_seed2": (flow_sde_ppo, dict(noise_level=1.2, seed=2), "Flow-SDE PPO, a = 1.2, seed 2"),
     "sde_a12_seed3": (flow_sde_ppo, dict(noise_level=1.2, seed=3), "Flow-SDE PPO, a = 1.2, seed 3"),
     "grpo_a12_seed2": (flow_grpo, dict(noise_level=1.2, seed=2), "GRPO, a = 1.2, seed 2"),
@@ -92,8 +93,6 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     # the twenty-fifth session's: half the epochs at twice the step (the same step x epochs per iteration), so the
     # 6-7 s update halves and 30 minutes hold more iterations
     "noise_e2": (flow_noise_ppo, S2X | dict(update_epochs=2, lr=2e-5), "Flow-Noise PPO, 2 epochs, lr 2e-5"),
-    "noise_e2_seed2": (flow_noise_ppo, S2X | dict(update_epochs=2, lr=2e-5, seed=2),
-                       "Flow-Noise PPO, 2 epochs, lr 2e-5, seed 2"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
@@ -118,7 +117,7 @@ def read(algo):
     return [r for r in rows if "rollout_time" in r], [r for r in rows if "eval/success_once" in r]
 
 
-def plot(algos, out="docs/learning_curves.png"):
+def plot(algos, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
