@@ -7,8 +7,8 @@ Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes
 Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second
 session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of
 these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor
-step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 / noise_k2_seed2 / noise_k2_seed3 Flow-Noise PPO with K = 2
-denoising steps (--denoise-steps 2); the other entries of RUNS rerun earlier tables' settings (at
+step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 / noise_k2_seed2 / noise_k2_seed3 Flow-Noise
+PPO with K = 2 denoising steps (--denoise-steps 2); the other entries of RUNS rerun earlier tables' settings (at
 a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the nineteenth session; *_c8 are
 those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the
 fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
