@@ -7,8 +7,8 @@ Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes
 Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second
 session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of
 these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor
-step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 / noise_k2_seed2 / noise_k2_seed3 Flow-Noise PPO
-with K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop
+step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed5 Flow-Noise
+PPO with K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop
 (--target-kl 0.05); the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with
 8 actions per decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4
 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all envs in one process
@@ -105,6 +105,9 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                       "Flow-Noise PPO, K = 2, target KL 0.05"),
     "noise_k2_kl05_seed2": (flow_noise_ppo, S2X | dict(denoise_steps=2, target_kl=0.05, seed=2),
                             "Flow-Noise PPO, K = 2, target KL 0.05, seed 2"),
+    # the twenty-eighth session's: two more seeds of K = 2, to learn how often it reaches 95%
+    "noise_k2_seed4": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=4), "Flow-Noise PPO, K = 2, seed 4"),
+    "noise_k2_seed5": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=5), "Flow-Noise PPO, K = 2, seed 5"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
