@@ -4,15 +4,16 @@ rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE upd
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
 [--plot-file docs/learning_curves.png]
 "sde", "noise", "grpo" are the scripts' defaults (64 envs, 4 actions per decision, Flow-SDE noise level 1.2,
-Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second
-session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of
-these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor
-step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed5 Flow-Noise
-PPO with K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop
-(--target-kl 0.05); the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with
-8 actions per decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4
-minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all envs in one process
-(--env-workers 1), the paper's noise level 0.5.
+Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second session),
+noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of these,
+noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor step),
+noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed5 Flow-Noise PPO with
+K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop (--target-kl
+0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5 --anneal-lr --target-kl
+0.05); the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per
+decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
+scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
+paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -42,6 +43,8 @@ C8_GRPO = dict(action_chunk=8)
 A08 = dict(noise_level=0.8)  # the Flow-SDE noise level of every run before the twenty-second session
 S08 = dict(sigma_min=0.08, sigma_max=0.16)  # Flow-Noise's std bounds, likewise
 S2X = dict(sigma_min=0.16, sigma_max=0.32)  # Flow-Noise's std bounds since the twenty-second session
+K2 = dict(denoise_steps=2)
+SDE_STEP = dict(lr=3e-5, anneal_lr=True, target_kl=0.05)  # Flow-SDE PPO's actor step since the twelfth session
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
     "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
@@ -108,6 +111,11 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     # the twenty-eighth session's: two more seeds of K = 2, to learn how often it reaches 95%
     "noise_k2_seed4": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=4), "Flow-Noise PPO, K = 2, seed 4"),
     "noise_k2_seed5": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=5), "Flow-Noise PPO, K = 2, seed 5"),
+    # the twenty-ninth session's: K = 2 with Flow-SDE PPO's whole actor step (lr 3e-5 annealed to 0, KL stop 0.05);
+    # K = 2 alone kept its approximate KL near 0.04 and clipped 37% of the ratios to the end of the run
+    "noise_k2_sdeopt": (flow_noise_ppo, S2X | K2 | SDE_STEP, "Flow-Noise PPO, K = 2, lr 3e-5 annealed, target KL 0.05"),
+    "noise_k2_sdeopt_seed2": (flow_noise_ppo, S2X | K2 | SDE_STEP | dict(seed=2),
+                              "Flow-Noise PPO, K = 2, lr 3e-5 annealed, target KL 0.05, seed 2"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
