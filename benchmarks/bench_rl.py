@@ -10,11 +10,11 @@ noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; 
 noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed5 Flow-Noise PPO with
 K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop (--target-kl
 0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5 --anneal-lr --target-kl
-0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std bounds (0.32-0.64); the
-other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per
-decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
-scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
-paper's noise level 0.5.
+0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std bounds (0.32-0.64),
+noise_k2_s4x_lr2e5 / noise_k2_s4x_lr2e5_seed4 / noise_k2_s4x_lr2e5_seed2 the same at actor lr 2e-5; the other entries
+of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default
+before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before
+the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -122,6 +122,13 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "noise_k2_s4x": (flow_noise_ppo, S4X | K2, "Flow-Noise PPO, K = 2, sigma 0.32-0.64"),
     "noise_k2_s4x_seed4": (flow_noise_ppo, S4X | K2 | dict(seed=4), "Flow-Noise PPO, K = 2, sigma 0.32-0.64, seed 4"),
     "noise_k2_s4x_seed2": (flow_noise_ppo, S4X | K2 | dict(seed=2), "Flow-Noise PPO, K = 2, sigma 0.32-0.64, seed 2"),
+    # the thirty-first session's: the same at twice the actor lr (the larger std had halved the approximate KL per
+    # update, 0.017 against 0.038 at 0.16-0.32, so lr 2e-5 brings the step back to about the earlier KL)
+    "noise_k2_s4x_lr2e5": (flow_noise_ppo, S4X | K2 | dict(lr=2e-5), "Flow-Noise PPO, K = 2, sigma 0.32-0.64, lr 2e-5"),
+    "noise_k2_s4x_lr2e5_seed4": (flow_noise_ppo, S4X | K2 | dict(lr=2e-5, seed=4),
+                                 "Flow-Noise PPO, K = 2, sigma 0.32-0.64, lr 2e-5, seed 4"),
+    "noise_k2_s4x_lr2e5_seed2": (flow_noise_ppo, S4X | K2 | dict(lr=2e-5, seed=2),
+                                 "Flow-Noise PPO, K = 2, sigma 0.32-0.64, lr 2e-5, seed 2"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
