@@ -133,6 +133,10 @@ class Args:
     update on the tiny policy; the paper uses 5e-6 to 8e-6 on pi0's 300M expert. At --denoise-steps 2 with
     --sigma-min 0.32 --sigma-max 0.64 (CPU PickCube, 30 minutes), 2e-5 ended at 85 / 93 / 83% on seeds 1 / 4 / 2
     (384-553k env steps on a slow machine) against 95 / 86 / 87% at 1e-5 (see the README)"""
+    noise_head_lr: float | None = None
+    """learning rate of the noise head (default: --lr). At the actor's 1e-5 its std barely moves: in every K = 2 run
+    it stayed within 6% of the geometric middle of its bounds (README, Exploration), so the bounds set the noise.
+    Warm-up and --anneal-lr scale it as they scale --lr"""
     value_lr: float = 1e-3
     """critic learning rate"""
     critic_warmup_iters: int = 5
@@ -722,6 +726,11 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
 
 
 def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"--resume: the checkpoint's optimizer has {len(groups)} parameter groups, this script's has "
+                         f"{len(opt.param_groups)} (the noise head has had its own since the thirty-second session): "
+                         "start a new run from its policy with --checkpoint <its checkpoint dir> (the critic, noise "
+                         "head and optimizer start afresh)")
     state = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
@@ -890,9 +899,11 @@ def main(args: Args):
     noise_head = NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], args.sigma_min,
                            args.sigma_max).to(device)
     actor_params = lambda: policy.trainable_parameters() + list(noise_head.parameters())  # noqa: E731
-    opt = torch.optim.AdamW([{"params": actor_params(), "lr": args.lr},
-                             {"params": critic.parameters(), "lr": args.value_lr}], betas=(0.9, 0.95),
-                            weight_decay=0.0)
+    head_lr = args.lr if args.noise_head_lr is None else args.noise_head_lr
+    # param groups: 0 the expert (actor), 1 the critic, 2 the noise head (its own --noise-head-lr)
+    opt = torch.optim.AdamW([{"params": policy.trainable_parameters(), "lr": args.lr},
+                             {"params": critic.parameters(), "lr": args.value_lr},
+                             {"params": noise_head.parameters(), "lr": head_lr}], betas=(0.9, 0.95), weight_decay=0.0)
     start_iter, global_step, train_time = 0, 0, 0.0
     if args.resume:
         critic.load_state_dict({k[len("critic."):]: v for k, v in extra.items() if k.startswith("critic.")})
@@ -1012,8 +1023,8 @@ def main(args: Args):
         progress = iteration / args.total_iterations  # share of the run done, in iterations or in time
         if args.time_budget_min is not None:
             progress = max(progress, train_time / (60 * args.time_budget_min))
-        lr_now = args.lr * (max(1.0 - progress, 0.0) if args.anneal_lr else 1.0)
-        opt.param_groups[0]["lr"] = 0.0 if iteration < args.critic_warmup_iters else lr_now
+        scale = 0.0 if iteration < args.critic_warmup_iters else max(1.0 - progress, 0.0) if args.anneal_lr else 1.0
+        opt.param_groups[0]["lr"], opt.param_groups[2]["lr"] = args.lr * scale, head_lr * scale
         b = lambda x: x.reshape(T * N, *x.shape[2:])
         b_state, b_chain = b(obs_state), b(chains)
         b_images = b(obs_images) if images_on else None
@@ -1055,7 +1066,8 @@ def main(args: Args):
         var_y = b_ret.var()
         row = mean_over_ranks({
             "rollout_sps": N * C * T / rollout_time * world,  # averaged over ranks: the total
-            "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"], "epochs": epochs_run,
+            "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"],
+            "noise_head_lr": opt.param_groups[2]["lr"], "epochs": epochs_run,
             "explained_variance": (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan"),
             **{k: float(np.mean(v)) for k, v in stats.items()}})
         row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time, **row,

@@ -85,10 +85,14 @@ def test_ratio_one_and_gradients(ratio_level):
 
 def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     write_sft_checkpoint(tmp_path)
-    args = small_rl_args(fn, tmp_path, anneal_lr=True)
+    args = small_rl_args(fn, tmp_path, anneal_lr=True, noise_head_lr=1e-4)
     fn.main(args)
     policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
     assert meta["iteration"] == 2 and any(k.startswith("noise_head.") for k in extra)
+    # the optimizer's third group is the noise head (its 6 tensors) at its own annealed lr
+    head_tensors = sum(k.startswith("noise_head.") for k in extra)
+    assert head_tensors == 6 and len(meta["optimizer"][2]["params"]) == head_tensors
+    assert [g["lr"] for g in meta["optimizer"]] == pytest.approx([args.lr / 2, args.value_lr, 1e-4 / 2])
     capsys.readouterr()
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
     fn.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
@@ -99,6 +103,13 @@ def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "pg_loss" in r] == [1, 2, 3]
     assert [r["lr"] for r in rows if "pg_loss" in r] == pytest.approx([0.0, args.lr / 2, args.lr / 3])
+    assert [r["noise_head_lr"] for r in rows if "pg_loss" in r] == pytest.approx([0.0, 1e-4 / 2, 1e-4 / 3])
+    # a checkpoint from before the noise head had its own optimizer group is refused with the way out
+    meta_file = tmp_path / "run" / "checkpoint" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "optimizer": meta["optimizer"][:2]}))
+    with pytest.raises(ValueError, match="has 2 parameter groups, this script's has 3.*--checkpoint"):
+        fn.main(replace(args, total_iterations=4, resume=True, target_kl=-1.0))
     assert [r["epochs"] for r in rows if "pg_loss" in r] == [args.update_epochs] * 2 + [1] and args.update_epochs > 1
     assert all(math.isfinite(r["entropy"]) for r in rows if "entropy" in r)
 
