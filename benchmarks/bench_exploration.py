@@ -11,11 +11,15 @@ actions, per action dim. Samplers:
 With pd_ee_delta_pose, action 1 in an xyz dim is a 10 cm step of the end-effector target. The ODE's spread is the
 policy's own (its action distribution at that state); Flow-SDE keeps the ODE's marginals only for an exact velocity
 field and a fine grid, so what it adds at K = 4 is the coarse grid's and the learned field's excess, growing with a;
-Flow-Noise adds its std at every step.
+Flow-Noise adds its std at every step. For a Flow-Noise PPO checkpoint (one with a noise head) it also prints what
+its head learned: the std per denoising step and action dim along its own chains (geometric mean over the states and
+the first C actions, in normalised units), and the spread of the executed actions with that head.
 
 Run: .venv/bin/python benchmarks/bench_exploration.py [--checkpoint runs/sft/PickCube-v1/checkpoint]
-     [--noise-levels 0.5 0.8 1.2 1.6] [--sigmas 0.08 0.16 0.32] [--samples 32]
+     [--noise-levels 0.5 0.8 1.2 1.6] [--sigmas 0.08 0.16 0.32] [--samples 32] [--denoise-steps K]
 """
+
+import math
 
 import argparse
 from dataclasses import replace
@@ -47,9 +51,10 @@ def visited_states(policy, normalizer, envs, args) -> tuple[dict, list[str]]:
 
 @torch.no_grad()
 def spreads(policy, normalizer, obs: dict, prompts: list[str], action_dim: int, args, noise_levels, sigmas,
-            samples: int, seed: int = 0) -> dict[str, torch.Tensor]:
+            samples: int, seed: int = 0, head=None) -> dict[str, torch.Tensor]:
     """-> {sampler name: spread [A]}: the std over `samples` draws per state of the executed env actions, averaged
-    over the S states of obs and the first C actions. Every sampler starts from the same initial noises."""
+    over the S states of obs and the first C actions. Every sampler starts from the same initial noises; head: a
+    learned noise head, measured too."""
     S, R, C = obs["state"].shape[0], samples, args.action_chunk
     rep = lambda x: None if x is None else x.repeat_interleave(R, 0)  # [S * R, ...]: R draws per state
     obs, prompts = {k: rep(v) for k, v in obs.items()}, [p for p in prompts for _ in range(R)]
@@ -66,7 +71,28 @@ def spreads(policy, normalizer, obs: dict, prompts: list[str], action_dim: int, 
         head = flow_noise_ppo.NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], s, s)
         chain, _ = flow_noise_ppo.sample_chain(policy, head.to(obs["state"].device), prefix, args, action_dim, gen())
         out[f"Flow-Noise sigma = {s:g}"] = spread(env_units(chain[:, -1]))
+    if head is not None:
+        chain, _ = flow_noise_ppo.sample_chain(policy, head, prefix, args, action_dim, gen())
+        out["Flow-Noise, its head"] = spread(env_units(chain[:, -1]))
     return out
+
+
+@torch.no_grad()
+def head_stds(policy, head, prefix, args, action_dim: int, seed: int = 0) -> tuple[torch.Tensor, float, float]:
+    """A learned noise head's std along its own chains from the states of prefix -> the geometric mean over states
+    and the first C actions [K, A] (row k: the step from t = 1 - k/K), the smallest and the largest entry."""
+    N, K, C = prefix.mask.shape[0], args.denoise_steps, args.action_chunk
+    dev = prefix.mask.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(N, policy.spec["chunk_size"], policy.spec["max_action_dim"], device=dev, generator=gen)  # [N, H, D]
+    out, lo, hi = torch.empty(K, action_dim), math.inf, -math.inf  # [K, A]
+    for k in range(K):
+        mean, std = flow_noise_ppo.denoise_transition(policy, head, prefix, x, k, K)
+        used = std[:, :C, :action_dim]  # the executed entries, [N, C, A]
+        out[k] = used.log().mean((0, 1)).exp().cpu()
+        lo, hi = min(lo, used.min().item()), max(hi, used.max().item())
+        x = mean + std * torch.randn(mean.shape, device=dev, generator=gen)
+    return out, lo, hi
 
 
 def main(argv=None):
@@ -77,17 +103,24 @@ def main(argv=None):
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.08, 0.16, 0.32])
     p.add_argument("--samples", type=int, default=32, help="draws per state")
     p.add_argument("--action-chunk", type=int, default=4, help="actions executed per decision")
-    p.add_argument("--denoise-steps", type=int, default=4)
+    p.add_argument("--denoise-steps", type=int, default=None, help="default: the checkpoint's (an RL run's), else 4")
     p.add_argument("--num-envs", type=int, default=10, help="evaluation episodes whose states are used")
     p.add_argument("--max-episode-steps", type=int, default=80)
     cli = p.parse_args(argv)
     if cli.samples < 2:
         raise ValueError(f"--samples {cli.samples}: a spread needs at least 2 draws per state")
     torch.set_num_threads(1)
-    policy, normalizer, _, meta = vla.load_checkpoint(cli.checkpoint)
+    policy, normalizer, extra, meta = vla.load_checkpoint(cli.checkpoint)
     if normalizer is None:
         raise ValueError(f"{cli.checkpoint} has no norm_stats.json: the policy's normalisation is unknown")
     policy.eval()
+    cli.denoise_steps = cli.denoise_steps or meta.get("denoise_steps", 4)
+    head = None
+    if any(k.startswith("noise_head.") for k in extra):  # a Flow-Noise PPO checkpoint: its head, in its bounds
+        run = meta["args"]
+        head = flow_noise_ppo.NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], run["sigma_min"],
+                                        run["sigma_max"])
+        head.load_state_dict({k[len("noise_head."):]: v for k, v in extra.items() if k.startswith("noise_head.")})
     _, env_id = flow_sde_ppo.resolve_env_id(cli.env_id)
     args = replace(flow_sde_ppo.Args(), env_id=env_id, action_chunk=cli.action_chunk, denoise_steps=cli.denoise_steps,
                    max_episode_steps=cli.max_episode_steps, obs_mode=meta.get("obs_mode", "state"),
@@ -101,8 +134,15 @@ def main(argv=None):
           f"{cli.samples} draws each, C = {cli.action_chunk}, K = {cli.denoise_steps}")
     print("std of the executed env actions over draws, per action dim (mean over states and actions):")
     for name, s in spreads(policy, normalizer, obs, prompts, envs.action_dim, args, cli.noise_levels, cli.sigmas,
-                           cli.samples).items():
+                           cli.samples, head=head).items():
         print(f"  {name:<24} " + " ".join(f"{v:.4f}" for v in s.tolist()))
+    if head is not None:
+        prefix = policy.encode_prefix(normalizer.normalize("state", obs["state"]), prompts, obs["images"])
+        stds, lo, hi = head_stds(policy, head, prefix, args, envs.action_dim)
+        print(f"its noise head (bounds {math.exp(head.log_min):.3g}-{math.exp(head.log_max):.3g}): "
+              f"std per action dim, geometric mean over states and actions (entries {lo:.3f}-{hi:.3f}):")
+        for k, row in enumerate(stds.tolist()):
+            print(f"  step {k} (t = {1 - k / cli.denoise_steps:g})".ljust(27) + " ".join(f"{v:.4f}" for v in row))
 
 
 if __name__ == "__main__":

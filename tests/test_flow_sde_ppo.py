@@ -322,3 +322,36 @@ def test_exploration_benchmark(tmp_path, capsys):
     assert [r[0] for r in rows] == ["ODE", "Flow-SDE a = 0.8", "Flow-Noise sigma = 0.1"]
     with pytest.raises(ValueError, match="at least 2 draws"):
         bench.main(["--checkpoint", str(tmp_path / "sft"), "--samples", "1"])
+
+
+def test_exploration_benchmark_reads_a_learned_noise_head(tmp_path, capsys):
+    """For a Flow-Noise PPO checkpoint the benchmark reports its head's std per step and action dim: a head whose
+    output is pinned high in dim 0, low in dim 1 and at 0 elsewhere gives the upper bound, the lower bound and their
+    geometric mean, at every step."""
+    from flow_noise_ppo import NoiseHead
+    bench = load_benchmark("bench_exploration")
+    policy = PointMassPolicy()
+    head = NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], 0.1, 0.4)
+    with torch.no_grad():
+        head.net[-1].weight.zero_()
+        head.net[-1].bias.copy_(torch.tensor([20.0, -20.0, 0, 0, 0, 0, 0, 0]))
+    args = replace(sde.Args(), action_chunk=4, denoise_steps=2)
+    prefix = policy.encode_prefix(torch.randn(5, 42), ["pick up the cube"] * 5)
+    stds, lo, hi = bench.head_stds(policy, head, prefix, args, 7)
+    assert stds.shape == (2, 7) and (lo, hi) == pytest.approx((0.1, 0.4))
+    torch.testing.assert_close(stds[:, :3], torch.tensor([[0.4, 0.1, 0.2]] * 2))
+    # end to end: a checkpoint with a noise head and its run's bounds and K
+    write_sft_checkpoint(tmp_path)
+    tiny, norm, _, _ = vla.load_checkpoint(tmp_path / "sft")
+    head = NoiseHead(tiny.spec["expert_hidden"], tiny.spec["max_action_dim"], 0.1, 0.4)
+    vla.save_checkpoint(tmp_path / "rl", tiny, norm, {f"noise_head.{k}": v for k, v in head.state_dict().items()},
+                        {"obs_mode": "state", "control_mode": "pd_ee_delta_pose", "denoise_steps": 2,
+                         "args": {"sigma_min": 0.1, "sigma_max": 0.4}})
+    bench.main(["--checkpoint", str(tmp_path / "rl"), "--num-envs", "2", "--max-episode-steps", "8", "--samples", "4",
+                "--noise-levels", "0.8", "--sigmas", "0.1"])
+    out = capsys.readouterr().out
+    assert ", K = 2" in out and re.search(r"^  Flow-Noise, its head +(?:[\d.]+ ?){7}$", out, re.M)
+    assert "its noise head (bounds 0.1-0.4)" in out
+    rows = re.findall(r"^  step (\d) \(t = ([\d.]+)\) +((?:[\d.]+ ?){7})$", out, re.M)
+    assert [r[:2] for r in rows] == [("0", "1"), ("1", "0.5")]
+    assert all(0.1 <= float(v) <= 0.4 for r in rows for v in r[2].split())
