@@ -68,8 +68,8 @@ def spreads(policy, normalizer, obs: dict, prompts: list[str], action_dim: int, 
         x, *_ = flow_sde_ppo.sample_chunk(policy, prefix, replace(args, noise_level=a), action_dim, gen())
         out[f"Flow-SDE a = {a:g}"] = spread(env_units(x))
     for s in sigmas:  # bounds s and s: the head's std is s whatever its weights
-        head = flow_noise_ppo.NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], s, s)
-        chain, _ = flow_noise_ppo.sample_chain(policy, head.to(obs["state"].device), prefix, args, action_dim, gen())
+        fixed = flow_noise_ppo.NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], s, s)
+        chain, _ = flow_noise_ppo.sample_chain(policy, fixed.to(obs["state"].device), prefix, args, action_dim, gen())
         out[f"Flow-Noise sigma = {s:g}"] = spread(env_units(chain[:, -1]))
     if head is not None:
         chain, _ = flow_noise_ppo.sample_chain(policy, head, prefix, args, action_dim, gen())

@@ -340,6 +340,14 @@ def test_exploration_benchmark_reads_a_learned_noise_head(tmp_path, capsys):
     stds, lo, hi = bench.head_stds(policy, head, prefix, args, 7)
     assert stds.shape == (2, 7) and (lo, hi) == pytest.approx((0.1, 0.4))
     torch.testing.assert_close(stds[:, :3], torch.tensor([[0.4, 0.1, 0.2]] * 2))
+    # the executed actions' spread with that head: the last step's std per dim (the point mass absorbs the others),
+    # measured next to a fixed-sigma head that must not take its place
+    _, norm = tiny_policy(7)
+    obs, prompts = {"state": torch.randn(5, 42), "images": None}, ["pick up the cube"] * 5  # [S, D]
+    out = bench.spreads(policy, norm, obs, prompts, 7, args, [], [0.3], samples=400, head=head)
+    scale = norm.unnormalize("actions", torch.ones(7)) - norm.unnormalize("actions", torch.zeros(7))  # [A]
+    torch.testing.assert_close(out["Flow-Noise, its head"][:3], torch.tensor([0.4, 0.1, 0.2]) * scale[:3].abs(),
+                               rtol=0.05, atol=0)
     # end to end: a checkpoint with a noise head and its run's bounds and K
     write_sft_checkpoint(tmp_path)
     tiny, norm, _, _ = vla.load_checkpoint(tmp_path / "sft")
