@@ -19,9 +19,8 @@ Run: .venv/bin/python benchmarks/bench_exploration.py [--checkpoint runs/sft/Pic
      [--noise-levels 0.5 0.8 1.2 1.6] [--sigmas 0.08 0.16 0.32] [--samples 32] [--denoise-steps K]
 """
 
-import math
-
 import argparse
+import math
 from dataclasses import replace
 
 import torch
