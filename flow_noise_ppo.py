@@ -730,7 +730,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
 def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
     if len(groups) != len(opt.param_groups):
         raise ValueError(f"--resume: the checkpoint's optimizer has {len(groups)} parameter groups, this script's has "
-                         f"{len(opt.param_groups)} (the noise head has had its own since the thirty-second session): "
+                         f"{len(opt.param_groups)} (the noise head's own group came with --noise-head-lr): "
                          "start a new run from its policy with --checkpoint <its checkpoint dir> (the critic, noise "
                          "head and optimizer start afresh)")
     state = {}

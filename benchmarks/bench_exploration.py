@@ -80,18 +80,12 @@ def spreads(policy, normalizer, obs: dict, prompts: list[str], action_dim: int, 
 def head_stds(policy, head, prefix, args, action_dim: int, seed: int = 0) -> tuple[torch.Tensor, float, float]:
     """A learned noise head's std along its own chains from the states of prefix -> the geometric mean over states
     and the first C actions [K, A] (row k: the step from t = 1 - k/K), the smallest and the largest entry."""
-    N, K, C = prefix.mask.shape[0], args.denoise_steps, args.action_chunk
-    dev = prefix.mask.device
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    x = torch.randn(N, policy.spec["chunk_size"], policy.spec["max_action_dim"], device=dev, generator=gen)  # [N, H, D]
-    out, lo, hi = torch.empty(K, action_dim), math.inf, -math.inf  # [K, A]
-    for k in range(K):
-        mean, std = flow_noise_ppo.denoise_transition(policy, head, prefix, x, k, K)
-        used = std[:, :C, :action_dim]  # the executed entries, [N, C, A]
-        out[k] = used.log().mean((0, 1)).exp().cpu()
-        lo, hi = min(lo, used.min().item()), max(hi, used.max().item())
-        x = mean + std * torch.randn(mean.shape, device=dev, generator=gen)
-    return out, lo, hi
+    K, C = args.denoise_steps, args.action_chunk
+    gen = torch.Generator(device=prefix.mask.device).manual_seed(seed)
+    chain, _ = flow_noise_ppo.sample_chain(policy, head, prefix, args, action_dim, gen)  # [N, K+1, H, D]
+    step_std = lambda k: flow_noise_ppo.denoise_transition(policy, head, prefix, chain[:, k], k, K)[1]  # [N, H, D]
+    used = torch.stack([step_std(k)[:, :C, :action_dim] for k in range(K)])  # the executed entries' std, [K, N, C, A]
+    return used.log().mean((1, 2)).exp().cpu(), used.min().item(), used.max().item()
 
 
 def main(argv=None):

@@ -12,8 +12,7 @@ K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 t
 0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5 --anneal-lr --target-kl
 0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std bounds (0.32-0.64),
 noise_k2_s4x_lr2e5 / noise_k2_s4x_lr2e5_seed4 / noise_k2_s4x_lr2e5_seed2 the same at actor lr 2e-5,
-noise_k2_nh1e4 / noise_k2_nh1e4_seed4 / noise_k2_nh1e4_seed2 at K = 2 with the noise head's lr 1e-4 (noise_k2_nh1e3 /
-noise_k2_nh1e3_seed4: 1e-3); the other entries
+noise_k2_nh1e4 at K = 2 with the noise head's lr 1e-4 (noise_k2_nh1e3 / noise_k2_nh1e3_seed4: 1e-3); the other entries
 of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default
 before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before
 the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
@@ -49,7 +48,6 @@ S2X = dict(sigma_min=0.16, sigma_max=0.32)  # Flow-Noise's std bounds since the 
 S4X = dict(sigma_min=0.32, sigma_max=0.64)  # twice those
 K2 = dict(denoise_steps=2)
 SDE_STEP = dict(lr=3e-5, anneal_lr=True, target_kl=0.05)  # Flow-SDE PPO's actor step since the twelfth session
-NH1E4 = dict(noise_head_lr=1e-4)  # the noise head at 10x the actor's lr
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
     "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
@@ -134,13 +132,11 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                                  "Flow-Noise PPO, K = 2, sigma 0.32-0.64, lr 2e-5, seed 2"),
     # the thirty-second session's: K = 2 at the default bounds with the noise head at 10x the actor's lr, so its std
     # can leave the middle of its bounds within 30 minutes (about 3,600 Adam steps)
-    "noise_k2_nh1e4": (flow_noise_ppo, S2X | K2 | NH1E4, "Flow-Noise PPO, K = 2, noise head lr 1e-4"),
-    "noise_k2_nh1e4_seed4": (flow_noise_ppo, S2X | K2 | NH1E4 | dict(seed=4),
-                             "Flow-Noise PPO, K = 2, noise head lr 1e-4, seed 4"),
-    "noise_k2_nh1e4_seed2": (flow_noise_ppo, S2X | K2 | NH1E4 | dict(seed=2),
-                             "Flow-Noise PPO, K = 2, noise head lr 1e-4, seed 2"),
+    "noise_k2_nh1e4": (flow_noise_ppo, S2X | K2 | dict(noise_head_lr=1e-4),
+                       "Flow-Noise PPO, K = 2, noise head lr 1e-4"),
     # and at 100x the actor's: at 1e-4 the std had not left the middle of its bounds after 30 iterations
-    "noise_k2_nh1e3": (flow_noise_ppo, S2X | K2 | dict(noise_head_lr=1e-3), "Flow-Noise PPO, K = 2, noise head lr 1e-3"),
+    "noise_k2_nh1e3": (flow_noise_ppo, S2X | K2 | dict(noise_head_lr=1e-3),
+                       "Flow-Noise PPO, K = 2, noise head lr 1e-3"),
     "noise_k2_nh1e3_seed4": (flow_noise_ppo, S2X | K2 | dict(noise_head_lr=1e-3, seed=4),
                              "Flow-Noise PPO, K = 2, noise head lr 1e-3, seed 4"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
