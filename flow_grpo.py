@@ -86,6 +86,10 @@ class Args:
     micro_batch_size: int | None = None
     """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
     for time, e.g. 32 for pi0 at 320 envs on one 80 GB GPU (default: the whole minibatch at once)"""
+    prefix_store_gb: float = 1.0
+    """keep each rollout decision's frozen-VLM prefix (keys/values) for the update when one iteration's fit in this
+    many GB, so the update runs no VLM pass; otherwise (e.g. pi0 with images at 320 envs) the update recomputes each
+    minibatch's. The same numbers either way: the VLM is frozen. 0 always recomputes"""
     grad_checkpointing: bool = False
     """recompute the expert's layer activations in the backward pass instead of storing them (memory for time)"""
     vlm_dtype: str = "auto"
@@ -532,10 +536,12 @@ def group_advantages(returns: torch.Tensor, success: torch.Tensor, group_size: i
 
 
 def grpo_loss(policy, ref_policy, normalizer, args, action_dim, state, images, prompts, x_before, x_after, k_star,
-              old_logp, adv):
-    """Clipped surrogate on the recomputed SDE step for one minibatch of M decisions, plus the optional KL to the
-    reference policy's step (same std, so KL = |mean - mean_ref|^2 / (2 std^2)). -> loss, stats."""
-    prefix = policy.encode_prefix(normalizer.normalize("state", state), prompts, images)  # VLM frozen: no grad
+              old_logp, adv, prefix=None):
+    """Clipped surrogate on the recomputed SDE step for one minibatch of M decisions (prefix: the rollout's, else
+    encoded here), plus the optional KL to the reference policy's step (same std, so KL = |mean - mean_ref|^2 /
+    (2 std^2)). -> loss, stats."""
+    if prefix is None:  # VLM frozen: no grad
+        prefix = policy.encode_prefix(normalizer.normalize("state", state), prompts, images)
     t = 1.0 - k_star.float() / args.denoise_steps
     v, _ = policy.velocity(prefix, x_before, t)
     mean, std = sde_mean_std(x_before, v, t, args.denoise_steps, args.noise_level)
@@ -717,7 +723,7 @@ def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
 # any other option is reported. A different task, episode or chain is another run: those options must stay.
 RESUME_FREE = {"total_iterations", "time_budget_min", "eval_every", "eval_episodes", "num_eval_envs", "save_every",
                "capture_video", "track", "wandb_project", "env_workers", "sim_backend", "micro_batch_size",
-               "grad_checkpointing", "vlm_dtype", "checkpoint", "output_dir", "resume"}
+               "grad_checkpointing", "prefix_store_gb", "vlm_dtype", "checkpoint", "output_dir", "resume"}
 RESUME_FIXED = ("env_id", "task_ids", "obs_mode", "control_mode", "reward_mode", "max_episode_steps",
                 "action_chunk", "denoise_steps")
 
@@ -840,7 +846,7 @@ def main(args: Args):
     for iteration in bar:
         # ---- rollout: every group member from the same seed, each episode to its end, no auto-reset credit
         policy.eval()
-        t0 = time.time()
+        t0, prefixes = time.time(), []
         # one seed per group; training seeds never overlap the eval seeds (from 10_000) nor another rank's
         base = args.seed * 1_000_003 + (iteration * world + rank) * (N // G)
         obs = envs.reset(seed=[base + i // G for i in range(N)])
@@ -861,6 +867,8 @@ def main(args: Args):
                 obs_images[step] = obs["images"]
             with torch.no_grad():
                 prefix = policy.encode_prefix(normalizer.normalize("state", obs["state"]), prompts, obs["images"])
+                if T * prefix.nbytes() <= args.prefix_store_gb * 2**30:
+                    prefixes.append(prefix)
                 chunk, x_before[step], x_after[step], k_stars[step], logprobs[step] = sample_chunk(
                     policy, prefix, args, A)
             actions = normalizer.unnormalize("actions", chunk[:, :C, :A])  # [N, C, A]
@@ -882,7 +890,7 @@ def main(args: Args):
             progress = max(progress, train_time / (60 * args.time_budget_min))
         lr_now = args.lr * (max(1.0 - progress, 0.0) if args.anneal_lr else 1.0)
         opt.param_groups[0]["lr"] = lr_now
-        stats, epochs_run = {}, 0
+        stats, epochs_run, b_prefix = {}, 0, None
         # Every rank takes the same number of optimiser steps: a rank whose kept decisions run out contributes zero
         # gradients; a minibatch empty on every rank is skipped.
         if all_reduce(rows.sum()).item() >= args.num_minibatches:
@@ -891,6 +899,9 @@ def main(args: Args):
             b_images = obs_images[rows] if obs_images is not None else None
             b_adv = adv[None, :].expand(T, N)[rows]
             b_env = torch.arange(N, device=device)[None, :].expand(T, N)[rows]
+            if len(prefixes) == int(valid.any(1).sum()):  # every step run was stored: keep the kept rows'
+                b_prefix = vla.Prefix.cat(prefixes).select(rows[:len(prefixes)].flatten().nonzero()[:, 0])
+            prefixes.clear()
             M = len(b_adv)
             micro_size = args.micro_batch_size or max(M, 1)
             for epoch in range(args.update_epochs):
@@ -906,7 +917,8 @@ def main(args: Args):
                                                    images=b_images[micro] if b_images is not None else None,
                                                    prompts=[prompts[i] for i in b_env[micro].tolist()],
                                                    x_before=b_xb[micro], x_after=b_xa[micro], k_star=b_k[micro],
-                                                   old_logp=b_logp[micro], adv=b_adv[micro])
+                                                   old_logp=b_logp[micro], adv=b_adv[micro],
+                                                   prefix=None if b_prefix is None else b_prefix.select(micro))
                         (loss * len(micro) / len(mb)).backward()
                         for k, v in mb_stats.items():
                             stats.setdefault(k, []).append(v)
@@ -928,6 +940,7 @@ def main(args: Args):
         row = mean_over_ranks({
             "rollout_sps": N * C * int(valid.any(1).sum()) / rollout_time * world,  # averaged: the total
             "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"], "epochs": epochs_run,
+            "prefix_stored": float(b_prefix is not None),  # 1: the update reused the rollout's prefixes
             "decisions": int(rows.sum()) * world, "groups_kept": int(keep.sum()) // G * world,  # averaged: totals
             "train/success_once": success.float().mean().item(), "train/return": returns.mean().item(),
             "train/episode_len": episode_len.mean().item()})

@@ -114,6 +114,10 @@ class Args:
     micro_batch_size: int | None = None
     """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
     for time, e.g. 32 for pi0 at 320 envs on one 80 GB GPU (default: the whole minibatch at once)"""
+    prefix_store_gb: float = 1.0
+    """keep each rollout decision's frozen-VLM prefix (keys/values) for the update when one iteration's fit in this
+    many GB, so the update runs no VLM pass; otherwise (e.g. pi0 with images at 320 envs) the update recomputes each
+    minibatch's. The same numbers either way: the VLM is frozen. 0 always recomputes"""
     grad_checkpointing: bool = False
     """recompute the expert's layer activations in the backward pass instead of storing them (memory for time)"""
     vlm_dtype: str = "auto"
@@ -593,10 +597,11 @@ def reduce_terms(terms: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def ppo_loss(policy, noise_head, critic, normalizer, args, action_dim, state, images, prompts, chain, old_logp,
-             adv, ret, old_value):
+             adv, ret, old_value, prefix=None):
     """Clipped surrogate on the recomputed chain likelihood, entropy bonus of the step noises, clipped Huber value
-    loss, for one minibatch of M decisions. -> loss, stats."""
-    prefix = policy.encode_prefix(normalizer.normalize("state", state), prompts, images)  # VLM frozen: no grad
+    loss, for one minibatch of M decisions (prefix: the rollout's, else encoded here). -> loss, stats."""
+    if prefix is None:  # VLM frozen: no grad
+        prefix = policy.encode_prefix(normalizer.normalize("state", state), prompts, images)
     terms, entropy = chain_logp(policy, noise_head, prefix, chain, args, action_dim)
     log_ratio = reduce_terms(terms, args.logprob_reduction) - old_logp  # [M, C, A]
     if args.ratio_level == "chunk":
@@ -837,7 +842,7 @@ def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
 # any other option is reported. A different task, episode or chain is another run: those options must stay.
 RESUME_FREE = {"total_iterations", "time_budget_min", "eval_every", "eval_episodes", "num_eval_envs", "save_every",
                "capture_video", "track", "wandb_project", "env_workers", "sim_backend", "micro_batch_size",
-               "grad_checkpointing", "vlm_dtype", "checkpoint", "output_dir", "resume"}
+               "grad_checkpointing", "prefix_store_gb", "vlm_dtype", "checkpoint", "output_dir", "resume"}
 RESUME_FIXED = ("env_id", "task_ids", "obs_mode", "control_mode", "reward_mode", "max_episode_steps",
                 "action_chunk", "denoise_steps", "critic_input")
 
@@ -975,13 +980,15 @@ def main(args: Args):
     for iteration in bar:
         # ---- rollout
         policy.eval()
-        t0, episodes = time.time(), {}
+        t0, episodes, prefixes = time.time(), {}, []
         for step in range(T):
             obs_state[step] = obs["state"]
             if images_on:
                 obs_images[step] = obs["images"]
             with torch.no_grad():
                 prefix = policy.encode_prefix(normalizer.normalize("state", obs["state"]), prompts, obs["images"])
+                if T * prefix.nbytes() <= args.prefix_store_gb * 2**30:
+                    prefixes.append(prefix)
                 values[step] = critic(critic_features(policy, prefix, args))
                 chains[step], terms = sample_chain(policy, noise_head, prefix, args, A)
                 logprobs[step] = reduce_terms(terms, args.logprob_reduction)
@@ -1031,6 +1038,8 @@ def main(args: Args):
         b_state, b_chain = b(obs_state), b(chains)
         b_images = b(obs_images) if images_on else None
         b_logp, b_adv, b_ret, b_val = b(logprobs), b(advantages), b(returns), b(values)
+        b_prefix = vla.Prefix.cat(prefixes) if len(prefixes) == T else None  # row i: step i // N, env i % N
+        prefixes.clear()
         # advantages normalised over all ranks' decisions: sum, sum of squares, count
         s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), b_adv.new_tensor(float(b_adv.numel()))])
                               .double()).tolist()
@@ -1047,7 +1056,8 @@ def main(args: Args):
                                               images=b_images[micro] if images_on else None,
                                               prompts=[prompts[i % N] for i in micro.tolist()],  # row i: env i % N
                                               chain=b_chain[micro], old_logp=b_logp[micro], adv=b_adv[micro],
-                                              ret=b_ret[micro], old_value=b_val[micro])
+                                              ret=b_ret[micro], old_value=b_val[micro],
+                                              prefix=None if b_prefix is None else b_prefix.select(micro))
                     (loss * len(micro) / len(mb)).backward()
                     for k, v in mb_stats.items():
                         stats.setdefault(k, []).append(v)
@@ -1070,6 +1080,7 @@ def main(args: Args):
             "rollout_sps": N * C * T / rollout_time * world,  # averaged over ranks: the total
             "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"],
             "noise_head_lr": opt.param_groups[2]["lr"], "epochs": epochs_run,
+            "prefix_stored": float(b_prefix is not None),  # 1: the update reused the rollout's prefixes
             "explained_variance": (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan"),
             **{k: float(np.mean(v)) for k, v in stats.items()}})
         row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time, **row,

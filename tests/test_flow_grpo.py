@@ -46,11 +46,22 @@ def test_ratio_one_on_first_epoch_and_kl_zero_at_start():
     with torch.no_grad():
         prefix = policy.encode_prefix(norm.normalize("state", state), prompts)
         _, xb, xa, k, logp = grpo.sample_chunk(policy, prefix, args, 7)
-    loss, stats = grpo.grpo_loss(policy, ref, norm, args, 7, state, None, prompts, xb, xa, k, logp, torch.randn(8))
+    adv = torch.randn(8)
+    # the rollout's stored prefix (no VLM pass in the update) gives the loss and gradients of a recomputed one
+    stored_loss, _ = grpo.grpo_loss(policy, ref, norm, args, 7, state, None, prompts, xb, xa, k, logp, adv,
+                                    prefix=prefix)
+    stored_loss.backward()
+    stored = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad()
+    loss, stats = grpo.grpo_loss(policy, ref, norm, args, 7, state, None, prompts, xb, xa, k, logp, adv)
+    torch.testing.assert_close(loss, stored_loss)
     assert abs(stats["ratio_mean"] - 1) < 1e-5 and stats["approx_kl"] < 1e-9 and stats["kl_ref"] < 1e-9
     loss.backward()
     assert all(p.grad is None for p in policy.vlm.parameters())
     assert policy.pi0.action_out_proj.weight.grad.abs().sum() > 0
+    assert stored.keys() == {n for n, p in policy.named_parameters() if p.grad is not None}
+    for n, g in stored.items():
+        torch.testing.assert_close(dict(policy.named_parameters())[n].grad, g)
 
 
 def test_smoke_two_iterations_and_resume(tmp_path, capsys):
@@ -63,8 +74,8 @@ def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     assert train[0]["train/episode_len"] <= 10
     capsys.readouterr()
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
-    grpo.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
-    # a changed hyperparameter is reported; more iterations (the usual reason to resume) are not
+    grpo.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0, prefix_store_gb=1e-6))
+    # a changed hyperparameter is reported; more iterations (the usual reason to resume) and memory knobs are not
     assert f"--resume with changed options: --target-kl {args.target_kl} -> -1.0\n" in capsys.readouterr().out
     with pytest.raises(ValueError, match="the run has --action-chunk 4, not 2: pass the run's values again"):
         grpo.main(replace(args, total_iterations=4, resume=True, action_chunk=2))
@@ -73,6 +84,8 @@ def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     # no critic to warm up: the lr falls linearly from the first iteration towards 0 at the end of the resumed run
     assert [r["lr"] for r in rows if "rollout_time" in r] == pytest.approx([args.lr, args.lr / 2, args.lr / 3])
     assert [r["epochs"] for r in rows if "rollout_time" in r] == [args.update_epochs] * 2 + [1] and args.update_epochs > 1
+    # the updates reused the rollout's prefixes; the resumed one, with no room for them, recomputed them
+    assert [r["prefix_stored"] for r in rows if "rollout_time" in r] == [1.0, 1.0, 0.0]
 
 
 def test_bad_inputs(tmp_path):

@@ -71,10 +71,21 @@ def test_ratio_one_and_gradients(ratio_level):
         new_terms, _ = fn.chain_logp(policy, head, pre2, chain[idx], args, 7)
     ratio = (fn.reduce_terms(new_terms, "sum") - old[idx]).sum((1, 2)).exp()
     assert (ratio - 1).abs().max() < 1e-5
-    loss, stats = fn.ppo_loss(policy, head, critic, norm, args, 7, state, None, prompts, chain, old,
-                              torch.randn(8), value + 1, value)
-    assert abs(stats["ratio_mean"] - 1) < 1e-5 and math.isfinite(stats["entropy"])
+    adv = torch.randn(8)
+    # the rollout's stored prefix (no VLM pass in the update) gives the loss and gradients of a recomputed one
+    loss, stats = fn.ppo_loss(policy, head, critic, norm, args, 7, state, None, prompts, chain, old, adv, value + 1,
+                              value, prefix=prefix)
     loss.backward()
+    stored = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(), head.zero_grad()
+    loss2, stats = fn.ppo_loss(policy, head, critic, norm, args, 7, state, None, prompts, chain, old, adv, value + 1,
+                               value)
+    torch.testing.assert_close(loss2, loss)
+    assert abs(stats["ratio_mean"] - 1) < 1e-5 and math.isfinite(stats["entropy"])
+    loss2.backward()
+    assert stored.keys() == {n for n, p in policy.named_parameters() if p.grad is not None}
+    for n, g in stored.items():
+        torch.testing.assert_close(dict(policy.named_parameters())[n].grad, g)
     assert all(p.grad is None for p in policy.vlm.parameters())
     for name, p in list(policy.named_parameters()) + list(head.named_parameters()):
         if p.requires_grad:
@@ -95,8 +106,8 @@ def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     assert [g["lr"] for g in meta["optimizer"]] == pytest.approx([args.lr / 2, args.value_lr, 1e-4 / 2])
     capsys.readouterr()
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
-    fn.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
-    # a changed hyperparameter is reported; more iterations (the usual reason to resume) are not
+    fn.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0, prefix_store_gb=1e-6))
+    # a changed hyperparameter is reported; more iterations (the usual reason to resume) and memory knobs are not
     assert f"--resume with changed options: --target-kl {args.target_kl} -> -1.0\n" in capsys.readouterr().out
     with pytest.raises(ValueError, match="the run has --action-chunk 4, not 2: pass the run's values again"):
         fn.main(replace(args, total_iterations=4, resume=True, action_chunk=2))
@@ -111,6 +122,8 @@ def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     with pytest.raises(ValueError, match="has 2 parameter groups, this script's has 3.*--checkpoint"):
         fn.main(replace(args, total_iterations=4, resume=True, target_kl=-1.0))
     assert [r["epochs"] for r in rows if "pg_loss" in r] == [args.update_epochs] * 2 + [1] and args.update_epochs > 1
+    # the updates reused the rollout's prefixes; the resumed one, with no room for them, recomputed them
+    assert [r["prefix_stored"] for r in rows if "pg_loss" in r] == [1.0, 1.0, 0.0]
     assert all(math.isfinite(r["entropy"]) for r in rows if "entropy" in r)
 
 

@@ -93,9 +93,17 @@ def test_ratio_one_and_gradients_reach_only_trainable(ratio_level):
     ratio = (new - logp[idx]).sum((1, 2)).exp()
     assert (ratio - 1).abs().max() < 1e-5
     # The PPO loss: finite non-zero gradients on the expert, projections and critic; none on the VLM.
-    adv = torch.randn(N)
-    loss, stats = sde.ppo_loss(policy, critic, norm, args, 7, state, None, prompts, xb, xa, k_star, logp, adv,
-                               value + torch.randn(N), value)
+    adv, ret = torch.randn(N), value + torch.randn(N)
+    # the rollout's stored prefix (no VLM pass in the update) gives the loss and gradients of a recomputed one
+    loss, _ = sde.ppo_loss(policy, critic, norm, args, 7, state, None, prompts, xb, xa, k_star, logp, adv, ret, value,
+                           prefix=prefix)
+    loss.backward()
+    stored = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(), critic.zero_grad()
+    loss2, stats = sde.ppo_loss(policy, critic, norm, args, 7, state, None, prompts, xb, xa, k_star, logp, adv, ret,
+                                value)
+    torch.testing.assert_close(loss2, loss)
+    loss = loss2
     assert abs(stats["ratio_mean"] - 1) < 1e-5 and stats["clipfrac"] == 0
     args_es = replace(args, critic_input="expert_state")  # the state-augmented critic sees [expert tokens, state]
     with torch.no_grad():
@@ -108,6 +116,9 @@ def test_ratio_one_and_gradients_reach_only_trainable(ratio_level):
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert policy.pi0.action_out_proj.weight.grad.abs().sum() > 0
+    assert stored.keys() == {n for n, p in policy.named_parameters() if p.grad is not None}
+    for n, g in stored.items():
+        torch.testing.assert_close(dict(policy.named_parameters())[n].grad, g)
     assert policy.pi0.model.dit.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     assert critic.net[0].weight.grad.abs().sum() > 0
 
@@ -158,8 +169,8 @@ def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     assert meta["iteration"] == 2 and any(k.startswith("critic.") for k in extra)
     capsys.readouterr()
     # the resumed iteration stops after one epoch: any approximate KL exceeds a negative --target-kl
-    sde.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0))
-    # a changed hyperparameter is reported; more iterations (the usual reason to resume) are not
+    sde.main(replace(args, total_iterations=3, resume=True, target_kl=-1.0, prefix_store_gb=1e-6))
+    # a changed hyperparameter is reported; more iterations (the usual reason to resume) and memory knobs are not
     assert f"--resume with changed options: --target-kl {args.target_kl} -> -1.0\n" in capsys.readouterr().out
     meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")[3]
     assert meta["iteration"] == 3 and meta["global_step"] == 3 * 2 * 2 * args.action_chunk
@@ -173,6 +184,8 @@ def test_smoke_two_iterations_and_resume(tmp_path, capsys):
     # critic warm-up, then the actor's lr falls linearly towards 0 at the end of the (resumed, longer) run
     assert [r["lr"] for r in rows if "pg_loss" in r] == pytest.approx([0.0, args.lr / 2, args.lr / 3])
     assert [r["epochs"] for r in rows if "pg_loss" in r] == [args.update_epochs] * 2 + [1] and args.update_epochs > 1
+    # the updates reused the rollout's prefixes; the resumed one, with no room for them, recomputed them
+    assert [r["prefix_stored"] for r in rows if "pg_loss" in r] == [1.0, 1.0, 0.0]
 
 
 def test_bad_inputs(tmp_path):

@@ -121,6 +121,25 @@ def test_cache_survives_20_calls(variant):
             assert torch.equal(v_reused, v_fresh), f"call {i}: cached prefix was modified"
 
 
+
+@pytest.mark.parametrize("variant", ["pi0", "pi05"])
+def test_stored_prefixes_select_and_cat(variant):
+    """The RL update keeps the rollout's prefixes (Prefix.cat of each step's) and takes minibatch rows (select): the
+    expert must see what encode_prefix gives for those rows."""
+    policy = tiny(variant)
+    state, imgs, x, t = make_inputs(policy)
+    with torch.no_grad():
+        parts = [policy.encode_prefix(state[i:i + 2], PROMPTS[i:i + 2], imgs[i:i + 2]) for i in (0, 2)]
+        joined = vla.Prefix.cat(parts)
+        rows = torch.tensor([3, 0, 2])
+        got = joined.select(rows)
+        want = policy.encode_prefix(state[rows], [PROMPTS[i] for i in rows], imgs[rows])
+        assert got.length == want.length and torch.equal(got.mask, want.mask)
+        torch.testing.assert_close(got.features, want.features)
+        torch.testing.assert_close(policy.velocity(got, x[:3], t[:3])[0], policy.velocity(want, x[:3], t[:3])[0])
+        assert (got.state is None) == (variant == "pi05")
+        assert joined.nbytes() == sum(p.nbytes() for p in parts) > 0
+        assert got.nbytes() == joined.nbytes() * 3 // 4
 @pytest.mark.parametrize("variant", ["pi0", "pi05"])
 def test_expert_checkpointing_gives_the_same_gradients(variant):
     # Two velocity calls on one prefix in one graph (as Flow-Noise's update does): the layers' backward replays

@@ -194,6 +194,28 @@ class Prefix:
     state: torch.Tensor | None  # [B, max_state_dim] normalised, padded state for pi0's state token
     length: int
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every per-row tensor: the layers' keys and values, mask, features, state."""
+        kv = [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
+        return kv + [self.mask, self.features] + ([] if self.state is None else [self.state])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def select(self, rows: torch.Tensor) -> Prefix:
+        """The prefix of the batch rows `rows` [M] (indices): what encode_prefix returns for those observations."""
+        return self._build([t[rows] for t in self.tensors()])
+
+    @staticmethod
+    def cat(prefixes: list[Prefix]) -> Prefix:
+        """One prefix of several batches' rows, in order (all of one policy and prefix length)."""
+        return prefixes[0]._build([torch.cat(ts) for ts in zip(*(p.tensors() for p in prefixes))])
+
+    def _build(self, ts: list[torch.Tensor]) -> Prefix:  # ts ordered as tensors()
+        n = 2 * len(self.cache.layers)
+        cache = DynamicCache(ddp_cache_data=list(zip(ts[0:n:2], ts[1:n:2])))
+        return Prefix(cache, ts[n], ts[n + 1], ts[n + 2] if self.state is not None else None, self.length)
+
 
 class VLAPolicy(nn.Module):
     def __init__(self, config: VLAConfig):
