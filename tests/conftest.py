@@ -28,6 +28,18 @@ def tiny_policy(action_dim=7, state_dim=42, seed=0):
     return policy, norm
 
 
+def backward_grads(loss_fn, *modules):
+    """Clear the modules' gradients, run loss_fn() -> (loss, stats) and its backward; -> loss, stats and a copy of
+    every gradient (the gradients stay in place for further checks)."""
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+    loss, stats = loss_fn()
+    loss.backward()
+    grads = {f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters()
+             if p.grad is not None}
+    return loss, stats, grads
+
+
 def write_sft_checkpoint(tmp_path, action_dim=7):
     """What sft_baseline.py leaves for the RL scripts, without training: tmp_path/sft."""
     policy, norm = tiny_policy(action_dim)

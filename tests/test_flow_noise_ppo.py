@@ -9,7 +9,7 @@ import torch
 
 import flow_noise_ppo as fn
 import vla
-from conftest import small_rl_args, tiny_policy, write_sft_checkpoint
+from conftest import backward_grads, small_rl_args, tiny_policy, write_sft_checkpoint
 
 
 def setup(N=6):
@@ -72,20 +72,16 @@ def test_ratio_one_and_gradients(ratio_level):
     ratio = (fn.reduce_terms(new_terms, "sum") - old[idx]).sum((1, 2)).exp()
     assert (ratio - 1).abs().max() < 1e-5
     adv = torch.randn(8)
+
+    def loss(**kw):
+        return fn.ppo_loss(policy, head, critic, norm, args, 7, state, None, prompts, chain, old, adv, value + 1,
+                           value, **kw)
     # the rollout's stored prefix (no VLM pass in the update) gives the loss and gradients of a recomputed one
-    loss, stats = fn.ppo_loss(policy, head, critic, norm, args, 7, state, None, prompts, chain, old, adv, value + 1,
-                              value, prefix=prefix)
-    loss.backward()
-    stored = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-    policy.zero_grad(), head.zero_grad()
-    loss2, stats = fn.ppo_loss(policy, head, critic, norm, args, 7, state, None, prompts, chain, old, adv, value + 1,
-                               value)
-    torch.testing.assert_close(loss2, loss)
+    stored_loss, _, stored = backward_grads(lambda: loss(prefix=prefix), policy, head, critic)
+    recomputed_loss, stats, grads = backward_grads(loss, policy, head, critic)
+    torch.testing.assert_close(recomputed_loss, stored_loss)
+    torch.testing.assert_close(grads, stored)
     assert abs(stats["ratio_mean"] - 1) < 1e-5 and math.isfinite(stats["entropy"])
-    loss2.backward()
-    assert stored.keys() == {n for n, p in policy.named_parameters() if p.grad is not None}
-    for n, g in stored.items():
-        torch.testing.assert_close(dict(policy.named_parameters())[n].grad, g)
     assert all(p.grad is None for p in policy.vlm.parameters())
     for name, p in list(policy.named_parameters()) + list(head.named_parameters()):
         if p.requires_grad:

@@ -11,7 +11,7 @@ import torch
 
 import flow_sde_ppo as sde
 import vla
-from conftest import load_benchmark, small_rl_args, tiny_policy, write_sft_checkpoint
+from conftest import backward_grads, load_benchmark, small_rl_args, tiny_policy, write_sft_checkpoint
 
 
 def test_sde_logp_equals_torch_normal():
@@ -94,31 +94,26 @@ def test_ratio_one_and_gradients_reach_only_trainable(ratio_level):
     assert (ratio - 1).abs().max() < 1e-5
     # The PPO loss: finite non-zero gradients on the expert, projections and critic; none on the VLM.
     adv, ret = torch.randn(N), value + torch.randn(N)
+
+    def loss(**kw):
+        return sde.ppo_loss(policy, critic, norm, args, 7, state, None, prompts, xb, xa, k_star, logp, adv, ret, value,
+                            **kw)
     # the rollout's stored prefix (no VLM pass in the update) gives the loss and gradients of a recomputed one
-    loss, _ = sde.ppo_loss(policy, critic, norm, args, 7, state, None, prompts, xb, xa, k_star, logp, adv, ret, value,
-                           prefix=prefix)
-    loss.backward()
-    stored = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-    policy.zero_grad(), critic.zero_grad()
-    loss2, stats = sde.ppo_loss(policy, critic, norm, args, 7, state, None, prompts, xb, xa, k_star, logp, adv, ret,
-                                value)
-    torch.testing.assert_close(loss2, loss)
-    loss = loss2
+    stored_loss, _, stored = backward_grads(lambda: loss(prefix=prefix), policy, critic)
+    recomputed_loss, stats, grads = backward_grads(loss, policy, critic)
+    torch.testing.assert_close(recomputed_loss, stored_loss)
+    torch.testing.assert_close(grads, stored)
     assert abs(stats["ratio_mean"] - 1) < 1e-5 and stats["clipfrac"] == 0
     args_es = replace(args, critic_input="expert_state")  # the state-augmented critic sees [expert tokens, state]
     with torch.no_grad():
         feats = sde.critic_features(policy, prefix, args_es)
     assert feats.shape == (N, policy.spec["expert_hidden"] + policy.spec["max_state_dim"])
     torch.testing.assert_close(feats[:, policy.spec["expert_hidden"]:][:, :42], norm.normalize("state", state))
-    loss.backward()
     assert all(p.grad is None for p in policy.vlm.parameters())
     for name, p in list(policy.named_parameters()) + list(critic.named_parameters()):
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert policy.pi0.action_out_proj.weight.grad.abs().sum() > 0
-    assert stored.keys() == {n for n, p in policy.named_parameters() if p.grad is not None}
-    for n, g in stored.items():
-        torch.testing.assert_close(dict(policy.named_parameters())[n].grad, g)
     assert policy.pi0.model.dit.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     assert critic.net[0].weight.grad.abs().sum() > 0
 
