@@ -170,6 +170,9 @@ class Args:
     env_workers: int | None = None
     """CPU simulator only: processes that step the envs (default: one per core, divided among torchrun ranks; 1 keeps
     them in this process)"""
+    update_threads: int | None = None
+    """torch's CPU threads during the update (default: the cores per torchrun rank). The env workers wait while it
+    runs, so their cores are free; the rollout keeps this process's setting (OMP_NUM_THREADS or torch's default)"""
     eval_seed: int = 10_000
     """first seed of the evaluation episodes"""
     save_every: int = 10
@@ -842,7 +845,8 @@ def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
 # any other option is reported. A different task, episode or chain is another run: those options must stay.
 RESUME_FREE = {"total_iterations", "time_budget_min", "eval_every", "eval_episodes", "num_eval_envs", "save_every",
                "capture_video", "track", "wandb_project", "env_workers", "sim_backend", "micro_batch_size",
-               "grad_checkpointing", "prefix_store_gb", "vlm_dtype", "checkpoint", "output_dir", "resume"}
+               "grad_checkpointing", "prefix_store_gb", "update_threads", "vlm_dtype", "checkpoint", "output_dir",
+               "resume"}
 RESUME_FIXED = ("env_id", "task_ids", "obs_mode", "control_mode", "reward_mode", "max_episode_steps",
                 "action_chunk", "denoise_steps", "critic_input")
 
@@ -872,6 +876,9 @@ def main(args: Args):
     if args.vlm_dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--vlm-dtype {args.vlm_dtype!r}: choose auto, bfloat16 or float32")
     rank, world, device = init_distributed()
+    if args.update_threads is not None and args.update_threads < 1:
+        raise ValueError(f"--update-threads {args.update_threads} must be at least 1 (omit it for the cores per rank)")
+    update_threads = args.update_threads or max(1, (os.cpu_count() or 1) // world)
     is_main = rank == 0
     if args.num_envs % world:
         raise ValueError(f"--num-envs {args.num_envs} does not split over {world} ranks: use a multiple of {world}")
@@ -1028,6 +1035,8 @@ def main(args: Args):
 
         # ---- PPO update: recompute all K transitions of each stored chain
         t1 = time.time()
+        rollout_threads = torch.get_num_threads()
+        torch.set_num_threads(update_threads)  # the env workers wait during the update: their cores are free
         policy.train()
         progress = iteration / args.total_iterations  # share of the run done, in iterations or in time
         if args.time_budget_min is not None:
@@ -1072,6 +1081,7 @@ def main(args: Args):
             kl = all_reduce(torch.tensor(float(np.mean(stats["approx_kl"][-n_recent:])))).item() / world
             if args.target_kl is not None and kl > args.target_kl:  # every rank takes the same decision
                 break
+        torch.set_num_threads(rollout_threads)
         update_time = time.time() - t1
         train_time += all_reduce(torch.tensor(rollout_time + update_time)).item() / world  # same on every rank
 

@@ -7,7 +7,7 @@ Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes
 Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second session),
 noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of these,
 noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor step),
-noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed5 Flow-Noise PPO with
+noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed7 Flow-Noise PPO with
 K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop (--target-kl
 0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5 --anneal-lr --target-kl
 0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std bounds (0.32-0.64),
@@ -114,6 +114,9 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     # the twenty-eighth session's: two more seeds of K = 2, to learn how often it reaches 95%
     "noise_k2_seed4": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=4), "Flow-Noise PPO, K = 2, seed 4"),
     "noise_k2_seed5": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=5), "Flow-Noise PPO, K = 2, seed 5"),
+    # the thirty-fourth session's: new seeds of K = 2 with the update on every core (--update-threads' default)
+    "noise_k2_seed6": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=6), "Flow-Noise PPO, K = 2, seed 6"),
+    "noise_k2_seed7": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=7), "Flow-Noise PPO, K = 2, seed 7"),
     # the twenty-ninth session's: K = 2 with Flow-SDE PPO's whole actor step (lr 3e-5 annealed to 0, KL stop 0.05);
     # K = 2 alone kept its approximate KL near 0.04 and clipped 37% of the ratios to the end of the run
     "noise_k2_sdeopt": (flow_noise_ppo, S2X | K2 | SDE_STEP, "Flow-Noise PPO, K = 2, lr 3e-5 annealed, target KL 0.05"),

@@ -40,6 +40,22 @@ def backward_grads(loss_fn, *modules):
     return loss, stats, grads
 
 
+def main_checking_threads(module, args, monkeypatch, rollout_fn: str, loss_fn: str):
+    """module.main(args) at --update-threads one above this process's torch threads. Asserts that every call of the
+    loss (the update) ran at that count and every call of the rollout's sampler at the process's own, which the run
+    leaves as it found it. -> what main returns."""
+    threads = torch.get_num_threads()
+    seen = {rollout_fn: [], loss_fn: []}  # name -> torch's thread count at each call
+    for name, calls in seen.items():
+        def record(*a, _f=getattr(module, name), _calls=calls, **kw):
+            _calls.append(torch.get_num_threads())
+            return _f(*a, **kw)
+        monkeypatch.setattr(module, name, record)
+    out = module.main(replace(args, update_threads=threads + 1))
+    assert set(seen[loss_fn]) == {threads + 1} and set(seen[rollout_fn]) == {threads} == {torch.get_num_threads()}
+    return out
+
+
 def write_sft_checkpoint(tmp_path, action_dim=7):
     """What sft_baseline.py leaves for the RL scripts, without training: tmp_path/sft."""
     policy, norm = tiny_policy(action_dim)

@@ -9,7 +9,7 @@ import torch
 
 import flow_grpo as grpo
 import vla
-from conftest import backward_grads, small_rl_args, tiny_policy, write_sft_checkpoint
+from conftest import backward_grads, main_checking_threads, small_rl_args, tiny_policy, write_sft_checkpoint
 
 
 def test_group_advantages_on_hand_made_returns():
@@ -60,10 +60,10 @@ def test_ratio_one_on_first_epoch_and_kl_zero_at_start():
     assert policy.pi0.action_out_proj.weight.grad.abs().sum() > 0
 
 
-def test_smoke_two_iterations_and_resume(tmp_path, capsys):
+def test_smoke_two_iterations_and_resume(tmp_path, capsys, monkeypatch):
     write_sft_checkpoint(tmp_path)
     args = small_rl_args(grpo, tmp_path, num_envs=4, anneal_lr=True)
-    grpo.main(args)
+    main_checking_threads(grpo, args, monkeypatch, "sample_chunk", "grpo_loss")  # the update at --update-threads
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "rollout_time" in r]
     assert [r["iteration"] for r in train] == [1, 2] and all(r["decisions"] > 0 for r in train)
@@ -92,3 +92,5 @@ def test_bad_inputs(tmp_path):
         grpo.main(replace(small_rl_args(grpo, tmp_path, num_envs=4), group_size=1))
     with pytest.raises(FileNotFoundError, match="no SFT checkpoint"):
         grpo.main(replace(small_rl_args(grpo, tmp_path, num_envs=4), checkpoint=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="--update-threads 0 must be at least 1"):
+        grpo.main(replace(small_rl_args(grpo, tmp_path), update_threads=0))

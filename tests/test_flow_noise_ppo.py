@@ -9,7 +9,7 @@ import torch
 
 import flow_noise_ppo as fn
 import vla
-from conftest import backward_grads, small_rl_args, tiny_policy, write_sft_checkpoint
+from conftest import backward_grads, main_checking_threads, small_rl_args, tiny_policy, write_sft_checkpoint
 
 
 def setup(N=6):
@@ -90,10 +90,10 @@ def test_ratio_one_and_gradients(ratio_level):
     assert policy.pi0.model.dit.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def test_smoke_two_iterations_and_resume(tmp_path, capsys):
+def test_smoke_two_iterations_and_resume(tmp_path, capsys, monkeypatch):
     write_sft_checkpoint(tmp_path)
     args = small_rl_args(fn, tmp_path, anneal_lr=True, noise_head_lr=1e-4)
-    fn.main(args)
+    main_checking_threads(fn, args, monkeypatch, "sample_chain", "ppo_loss")  # the update at --update-threads
     policy, norm, extra, meta = vla.load_checkpoint(tmp_path / "run" / "checkpoint")
     assert meta["iteration"] == 2 and any(k.startswith("noise_head.") for k in extra)
     # the optimizer's third group is the noise head (its 6 tensors) at its own annealed lr
@@ -133,3 +133,5 @@ def test_bad_inputs(tmp_path):
         fn.main(replace(small_rl_args(fn, tmp_path), sigma_min=0.5))  # above the default sigma_max 0.32
     with pytest.raises(ValueError, match="does not split into 3"):
         fn.main(replace(small_rl_args(fn, tmp_path), num_minibatches=3))
+    with pytest.raises(ValueError, match="--update-threads 0 must be at least 1"):
+        fn.main(replace(small_rl_args(fn, tmp_path), update_threads=0))

@@ -11,7 +11,8 @@ import torch
 
 import flow_sde_ppo as sde
 import vla
-from conftest import backward_grads, load_benchmark, small_rl_args, tiny_policy, write_sft_checkpoint
+from conftest import (backward_grads, load_benchmark, main_checking_threads, small_rl_args, tiny_policy,
+                      write_sft_checkpoint)
 
 
 def test_sde_logp_equals_torch_normal():
@@ -150,11 +151,11 @@ def test_gae_matches_reference_loop_with_truncation():
     torch.testing.assert_close(ret, ref + values)
 
 
-def test_smoke_two_iterations_and_resume(tmp_path, capsys):
+def test_smoke_two_iterations_and_resume(tmp_path, capsys, monkeypatch):
     write_sft_checkpoint(tmp_path)
     args = small_rl_args(sde, tmp_path)
     assert args.anneal_lr  # the default
-    sde.main(args)
+    main_checking_threads(sde, args, monkeypatch, "sample_chunk", "ppo_loss")  # the update at --update-threads
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "pg_loss" in r]
     assert [r["iteration"] for r in train] == [1, 2] and train[-1]["global_step"] == 2 * 2 * 2 * args.action_chunk
@@ -196,6 +197,8 @@ def test_bad_inputs(tmp_path):
         sde.main(replace(small_rl_args(sde, tmp_path), env_id="PickSphere"))
     with pytest.raises(ValueError, match="--micro-batch-size 0 must be at least 1"):
         sde.main(replace(small_rl_args(sde, tmp_path), micro_batch_size=0))
+    with pytest.raises(ValueError, match="--update-threads 0 must be at least 1"):
+        sde.main(replace(small_rl_args(sde, tmp_path), update_threads=0))
     pi05 = vla.build("tiny", action_dim=7, state_dim=42, variant="pi05")
     prefix = pi05.encode_prefix(torch.zeros(2, 42), ["pick"] * 2)
     with pytest.raises(ValueError, match="expert_state needs pi0's state token"):
