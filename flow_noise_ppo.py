@@ -72,10 +72,10 @@ class Args:
     --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation (the paper's 4). The update recomputes all K transitions, so on
-    CPU PickCube 2 cut it from about 7 to 4.2 s per iteration, and 30 minutes reached 95 / 95 / 90 / 75 / 90% in five
-    runs (512-640k env steps) against 86% at 4 (492k); the tiny SFT checkpoint scores 30% at K = 2, 29% at 4 (README,
-    twenty-sixth and twenty-eighth sessions). It stays 4: a real pi0's SFT start at K = 2 is unmeasured (the paper's
-    K = 1: 9% vs 56%)"""
+    CPU PickCube 2 cut it from about 7 to 4.2 s per iteration, and 30 minutes reached 95 / 95 / 90 / 75 / 90 / 91 / 94%
+    in seven runs (512-732k env steps) against 86% at 4 (492k); the tiny SFT checkpoint scores 30% at K = 2, 29% at 4
+    (README, twenty-sixth, twenty-eighth and thirty-fourth sessions). It stays 4: a real pi0's SFT start at K = 2 is
+    unmeasured (the paper's K = 1: 9% vs 56%)"""
     sigma_min: float = 0.16
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
     session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about
