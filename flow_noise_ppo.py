@@ -72,10 +72,10 @@ class Args:
     --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation (the paper's 4). The update recomputes all K transitions, so on
-    CPU PickCube 2 cut it from about 7 to 4.2 s per iteration, and 30 minutes reached 95 / 95 / 90 / 75 / 90 / 91 / 94%
-    in seven runs (512-732k env steps) against 86% at 4 (492k); the tiny SFT checkpoint scores 30% at K = 2, 29% at 4
-    (README, twenty-sixth, twenty-eighth and thirty-fourth sessions). It stays 4: a real pi0's SFT start at K = 2 is
-    unmeasured (the paper's K = 1: 9% vs 56%)"""
+    CPU PickCube 2 cut it from about 7 to 4.2 s per iteration, and 30 minutes reached 95 / 95 / 90 / 75 / 90 / 91 / 94
+    / 84 / 81% in nine runs (410-732k env steps, by the machine's speed) against 86% at 4 (492k); the tiny SFT
+    checkpoint scores 30% at K = 2, 29% at 4 (README, twenty-sixth, twenty-eighth, thirty-fourth and thirty-fifth
+    sessions). It stays 4: a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
     sigma_min: float = 0.16
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
     session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about
@@ -107,7 +107,10 @@ class Args:
     """GAE lambda per decision point: 0.95 per 8 env steps (0.9747 = sqrt 0.95 per 4-step decision)"""
     update_epochs: int = 4
     """PPO epochs per iteration. 2 at lr 2e-5 halved the update but learned less per env step: 66% after 358k env
-    steps, 68-69% from 164k on, against 76-78% at 246k for the default's two seeds (README, twenty-fifth session)"""
+    steps, 68-69% from 164k on, against 76-78% at 246k for the default's two seeds (README, twenty-fifth session).
+    8 at K = 2 (the update then takes about a fifth of an iteration) learned no faster per env step: 78-83% from 164k
+    to 430k, 81% at the end, and 77% after 404k with --anneal-lr, against 75-90% at 410k for nine seeds of 4 (README,
+    thirty-fifth session)"""
     num_minibatches: int = 8
     """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 160
     decisions at 64 envs"""
