@@ -108,9 +108,9 @@ class Args:
     update_epochs: int = 4
     """PPO epochs per iteration. 2 at lr 2e-5 halved the update but learned less per env step: 66% after 358k env
     steps, 68-69% from 164k on, against 76-78% at 246k for the default's two seeds (README, twenty-fifth session).
-    8 at K = 2 (the update then takes about a fifth of an iteration) learned no faster per env step: 78-83% from 164k
-    to 430k, 81% at the end, and 77% after 404k with --anneal-lr, against 75-90% at 410k for nine seeds of 4 (README,
-    thirty-fifth session)"""
+    8 at K = 2 (where 4 epochs take about a fifth of an iteration) learned no faster per env step after 164k: 78-83%
+    from 164k to 430k, 81% at the end, and 77% after 404k with --anneal-lr, against 75-90% at 410k for nine seeds of 4
+    (README, thirty-fifth session)"""
     num_minibatches: int = 8
     """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 160
     decisions at 64 envs"""
