@@ -73,9 +73,10 @@ class Args:
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation (the paper's 4). The update recomputes all K transitions, so on
     CPU PickCube 2 cut it from about 7 to 4.2 s per iteration, and 30 minutes reached 95 / 95 / 90 / 75 / 90 / 91 / 94
-    / 84 / 81% in nine runs (410-732k env steps, by the machine's speed) against 86% at 4 (492k); the tiny SFT
-    checkpoint scores 30% at K = 2, 29% at 4 (README, twenty-sixth, twenty-eighth, thirty-fourth and thirty-fifth
-    sessions). It stays 4: a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
+    / 84 / 81 / 85 / 85 / 81% in twelve runs (410-732k env steps, by the machine's speed) against 86% at 4 (492k);
+    the tiny SFT checkpoint scores 30% at K = 2, 29% at 4 (README, twenty-sixth to thirty-seventh sessions); with the
+    policy on a GPU and 320 envs K = 2 stood at 71% after 563k env steps (thirty-eighth session). It stays 4: a real
+    pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
     sigma_min: float = 0.16
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
     session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about
@@ -127,7 +128,9 @@ class Args:
     """dtype of the frozen VLM: "bfloat16" halves its weights and prefix cache, the expert and the log-probs stay
     float32; "auto": bfloat16 on a GPU, float32 on CPU (where bfloat16 matmuls are slow)"""
     clip_coef: float = 0.2
-    """PPO ratio clip"""
+    """PPO ratio clip. On CPU PickCube at K = 2, 0.2 clips 35-40% of the ratios to the end of a run; 0.3 (27-29%)
+    learned faster over the first 250k env steps but not later: 91 / 88 / 88% after 30 minutes against 95 / 85 / 85%
+    at 0.2 on seeds 1 / 10 / 11 (README, thirty-sixth and thirty-seventh sessions)"""
     value_clip: float | None = None
     """value clip around the rollout's value, off by default: the paper's 0.2 suits success rewards (values in [0, 1]);
     with the dense reward's returns of ~25 it lets the critic move 0.2 per iteration"""

@@ -4,19 +4,20 @@ rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE upd
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
 [--plot-file docs/learning_curves.png]
 "sde", "noise", "grpo" are the scripts' defaults (64 envs, 4 actions per decision, Flow-SDE noise level 1.2,
-Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second session),
-noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of these,
-noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor step),
-noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed9 Flow-Noise PPO with
-K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop (--target-kl
-0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5 --anneal-lr --target-kl
-0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std bounds (0.32-0.64),
-noise_k2_s4x_lr2e5 / noise_k2_s4x_lr2e5_seed4 / noise_k2_s4x_lr2e5_seed2 the same at actor lr 2e-5,
-noise_k2_nh1e4 at K = 2 with the noise head's lr 1e-4 (noise_k2_nh1e3 / noise_k2_nh1e3_seed4: 1e-3),
-noise_k2_ep8 at K = 2 with 8 update epochs (noise_k2_ep8_anneal: and the lr annealed to 0); the other entries of
-RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default
-before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before
-the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
+Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second
+session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of
+these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor
+step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed12 Flow-Noise
+PPO with K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop
+(--target-kl 0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5
+--anneal-lr --target-kl 0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std
+bounds (0.32-0.64), noise_k2_s4x_lr2e5 / noise_k2_s4x_lr2e5_seed4 / noise_k2_s4x_lr2e5_seed2 the same at actor lr
+2e-5, noise_k2_nh1e4 at K = 2 with the noise head's lr 1e-4 (noise_k2_nh1e3 / noise_k2_nh1e3_seed4: 1e-3),
+noise_k2_ep8 at K = 2 with 8 update epochs (noise_k2_ep8_anneal: and the lr annealed to 0), noise_k2_clip3 at K = 2
+with the clip at 0.3 (noise_k2_clip3_seed10 / noise_k2_clip3_seed11: seeds 10 and 11); the other entries of RUNS
+rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before
+the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the
+sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -121,6 +122,18 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "noise_k2_seed7": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=7), "Flow-Noise PPO, K = 2, seed 7"),
     "noise_k2_seed8": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=8), "Flow-Noise PPO, K = 2, seed 8"),
     "noise_k2_seed9": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=9), "Flow-Noise PPO, K = 2, seed 9"),
+    "noise_k2_seed10": (flow_noise_ppo, S2X | K2 | dict(seed=10), "Flow-Noise PPO, K = 2, seed 10"),
+    "noise_k2_seed11": (flow_noise_ppo, S2X | K2 | dict(seed=11), "Flow-Noise PPO, K = 2, seed 11"),
+    "noise_k2_seed12": (flow_noise_ppo, S2X | K2 | dict(seed=12), "Flow-Noise PPO, K = 2, seed 12"),
+    # the thirty-sixth session's: K = 2 with a wider clip. At 0.2 its updates clip 35-40% of the ratios to the end of
+    # every run: over a third of the decisions stop contributing to the gradient before the update ends
+    "noise_k2_clip3": (flow_noise_ppo, S2X | K2 | dict(clip_coef=0.3), "Flow-Noise PPO, K = 2, clip 0.3"),
+    "noise_k2_clip3_seed10": (
+        flow_noise_ppo, S2X | K2 | dict(clip_coef=0.3, seed=10), "Flow-Noise PPO, K = 2, clip 0.3, seed 10"
+    ),
+    "noise_k2_clip3_seed11": (
+        flow_noise_ppo, S2X | K2 | dict(clip_coef=0.3, seed=11), "Flow-Noise PPO, K = 2, clip 0.3, seed 11"
+    ),
     # the thirty-fifth session's: K = 2 with twice the epochs per update. With the update on every core it takes
     # about a fifth of an iteration, so more passes over each batch cost fewer env steps than before
     "noise_k2_ep8": (flow_noise_ppo, S2X | K2 | dict(update_epochs=8), "Flow-Noise PPO, K = 2, 8 epochs"),

@@ -5,7 +5,8 @@
 # from the SFT checkpoint with whatever time is left of BUDGET_S seconds; one iteration each of tiny Flow-Noise PPO
 # and GRPO at 320 envs, and a short SFT from the 20 demos pack.sh copies. STAGES picks and orders them (default
 # "1 2 3 4"); SCALE_S / SCALE_ENVS / SCALE_STEPS set stage 3's time limit, envs and decisions per env, S5_S / NENV
-# stage 5's per run, S4_ARGS adds options to stage 4's run. Output also goes to $OUT/log.txt.
+# stage 5's per run, S4_ARGS adds options to stage 4's run and S4_SCRIPT=flow_noise_ppo runs Flow-Noise PPO there
+# instead. Output also goes to $OUT/log.txt.
 set -u
 T0=$(date +%s); BUDGET_S=${BUDGET_S:-430}; STAGES=${STAGES:-1 2 3 4}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 el() { echo $(( $(date +%s) - T0 )); }
@@ -49,13 +50,14 @@ timeout ${SCALE_S:-200} python3 benchmarks/bench_scale.py --sim-backend physx_cp
   --out /tmp/bs 2>&1 | tr '\r' '\n' | grep -v "it/s\|s/it\|WARN" | tail -25
 }
 s4() {
-echo "== 4: tiny Flow-SDE PPO, 320 envs, from the SFT checkpoint ($(el) s)"
+S4_SCRIPT=${S4_SCRIPT:-flow_sde_ppo}
+echo "== 4: tiny $S4_SCRIPT, 320 envs, from the SFT checkpoint ($(el) s)"
 LEFT=$(( BUDGET_S - $(el) ))
 MIN=$(python3 -c "print(max(0.5, round(($LEFT - 75) / 60, 2)))")
-timeout $LEFT python3 flow_sde_ppo.py --env-id PickCube --num-envs 320 --sim-backend physx_cpu --time-budget-min "$MIN" \
-  --total-iterations 100000 --eval-every 3 --num-eval-envs 100 --save-every 100000 --output-dir /tmp/sde320 ${S4_ARGS:-} 2>&1 \
+timeout $LEFT python3 $S4_SCRIPT.py --env-id PickCube --num-envs 320 --sim-backend physx_cpu --time-budget-min "$MIN" \
+  --total-iterations 100000 --eval-every 3 --num-eval-envs 100 --save-every 100000 --output-dir /tmp/s4 ${S4_ARGS:-} 2>&1 \
   | tr '\r' '\n' | grep -v "it/s\|s/it" | tail -6
-cp /tmp/sde320/metrics.jsonl "$OUT/sde320_metrics.jsonl" 2>/dev/null
+cp /tmp/s4/metrics.jsonl "$OUT/${S4_SCRIPT}320_metrics.jsonl" 2>/dev/null
 }
 s5() {
 echo "== 5: tiny Flow-Noise PPO and GRPO at 320 envs, one iteration each with the actor training; SFT ($(el) s)"
