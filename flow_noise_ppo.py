@@ -74,9 +74,8 @@ class Args:
     """K: denoising steps, in rollouts and evaluation (the paper's 4). The update recomputes all K transitions, so on
     CPU PickCube 2 cut it from about 7 to 4.2 s per iteration, and 30 minutes reached 95 / 95 / 90 / 75 / 90 / 91 / 94
     / 84 / 81 / 85 / 85 / 81% in twelve runs (410-732k env steps, by the machine's speed) against 86% at 4 (492k);
-    the tiny SFT checkpoint scores 30% at K = 2, 29% at 4 (README, twenty-sixth to thirty-seventh sessions); with the
-    policy on a GPU and 320 envs K = 2 stood at 71% after 563k env steps (thirty-eighth session). It stays 4: a real
-    pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
+    the tiny SFT checkpoint scores 30% at K = 2, 29% at 4 (README, twenty-sixth to thirty-seventh sessions). It stays
+    4: a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
     sigma_min: float = 0.16
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
     session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about
