@@ -74,8 +74,8 @@ class Args:
     """K: denoising steps, in rollouts and evaluation (the paper's 4). The update recomputes all K transitions, so on
     CPU PickCube 2 cut it from about 7 to 4.2 s per iteration, and 30 minutes reached 95 / 95 / 90 / 75 / 90 / 91 / 94
     / 84 / 81 / 85 / 85 / 81% in twelve runs (410-732k env steps, by the machine's speed) against 86% at 4 (492k);
-    the tiny SFT checkpoint scores 30% at K = 2, 29% at 4 (README, twenty-sixth to thirty-seventh sessions). It stays
-    4: a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
+    the tiny SFT checkpoint scores 30% at K = 2, 29% at 4 (docs/rl_sessions.md, twenty-sixth to thirty-seventh
+    sessions). It stays 4: a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
     sigma_min: float = 0.16
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
     session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about
@@ -107,10 +107,10 @@ class Args:
     """GAE lambda per decision point: 0.95 per 8 env steps (0.9747 = sqrt 0.95 per 4-step decision)"""
     update_epochs: int = 4
     """PPO epochs per iteration. 2 at lr 2e-5 halved the update but learned less per env step: 66% after 358k env
-    steps, 68-69% from 164k on, against 76-78% at 246k for the default's two seeds (README, twenty-fifth session).
-    8 at K = 2 (where 4 epochs take about a fifth of an iteration) learned no faster per env step after 164k: 78-83%
-    from 164k to 430k, 81% at the end, and 77% after 404k with --anneal-lr, against 75-90% at 410k for nine seeds of 4
-    (README, thirty-fifth session)"""
+    steps, 68-69% from 164k on, against 76-78% at 246k for the default's two seeds (docs/rl_sessions.md, twenty-fifth
+    session). 8 at K = 2 (where 4 epochs take about a fifth of an iteration) learned no faster per env step after
+    164k: 78-83% from 164k to 430k, 81% at the end, and 77% after 404k with --anneal-lr, against 75-90% at 410k for
+    nine seeds of 4 (docs/rl_sessions.md, thirty-fifth session)"""
     num_minibatches: int = 8
     """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 160
     decisions at 64 envs"""
@@ -129,7 +129,7 @@ class Args:
     clip_coef: float = 0.2
     """PPO ratio clip. On CPU PickCube at K = 2, 0.2 clips 35-40% of the ratios to the end of a run; 0.3 (27-29%)
     learned faster over the first 250k env steps but not later: 91 / 88 / 88% after 30 minutes against 95 / 85 / 85%
-    at 0.2 on seeds 1 / 10 / 11 (README, thirty-sixth and thirty-seventh sessions)"""
+    at 0.2 on seeds 1 / 10 / 11 (docs/rl_sessions.md, thirty-sixth and thirty-seventh sessions)"""
     value_clip: float | None = None
     """value clip around the rollout's value, off by default: the paper's 0.2 suits success rewards (values in [0, 1]);
     with the dense reward's returns of ~25 it lets the critic move 0.2 per iteration"""
@@ -238,6 +238,32 @@ def add_batch_dim(x):
     return {k: add_batch_dim(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[None]
 
 
+class FreshGraspFlag(gym.Wrapper):
+    """A CPU scene reports its last physics step's contacts until its next step, so after a plain reset the
+    observation's is_grasped still reads 1 where the previous episode ended holding the object (on PickCube: at 90 of
+    the 90 plain resets of one evaluation of an RL policy, and in 199 of the 200 demonstrations' first observations).
+    Every episode starts with the gripper open and away from the object, so reset observations get the 0 that a
+    rebuilt scene reports; the physics is untouched. Tasks without is_grasped pass through."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        from mani_skill.utils.common import flatten_state_dict
+        self.col = None  # is_grasped's column in a flat "state" observation [1, D] (image modes pass qpos alone)
+        state = env.unwrapped.get_obs(unflattened=True) if env.unwrapped.obs_mode == "state" else {}  # what it joins
+        if "is_grasped" in state.get("extra", {}):
+            def mark(d):  # 1 at is_grasped, 0 elsewhere, in the observation's layout
+                return {k: mark(v) if isinstance(v, dict) else torch.full_like(v, k == "is_grasped", dtype=torch.float)
+                        for k, v in d.items()}
+            self.col = int(flatten_state_dict(mark(state), use_torch=True)[0].argmax())
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        if self.col is not None:
+            obs = obs.clone()
+            obs[:, self.col] = 0
+        return obs, info
+
+
 def cpu_vector_env(env_id: str, num_envs: int, kw: dict, ignore_terminations: bool):
     """A SyncVectorEnv of num_envs single CPU envs (physx_cpu), auto-resetting in the same step."""
     import mani_skill.envs  # noqa: F401  (registers the tasks)
@@ -247,7 +273,7 @@ def cpu_vector_env(env_id: str, num_envs: int, kw: dict, ignore_terminations: bo
     def thunk():  # enhanced_determinism: an auto-reset draws the new episode from the env's own seeded RNG, not the
         # process's global torch RNG, so the episodes are the same in this process and in worker processes
         env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", enhanced_determinism=True, **kw)
-        return CPUGymWrapper(env, ignore_terminations=ignore_terminations, record_metrics=True)
+        return CPUGymWrapper(FreshGraspFlag(env), ignore_terminations=ignore_terminations, record_metrics=True)
     return SyncVectorEnv([thunk] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
 
 
@@ -370,9 +396,10 @@ class ManiSkillEnvs:
         return torch.inference_mode(not self.gpu)
 
     def reset(self, seed: int | list[int], rebuild: bool = False):
-        """rebuild: rebuild the CPU scenes first. A CPU scene keeps contact state across plain resets, so after other
-        episodes the same seeds replay slightly differently (a grasp can go another way); rebuilt, they replay as in
-        new envs. (The GPU scene is not rebuilt: slow for hundreds of sub-scenes, and not measured here.)"""
+        """rebuild: rebuild the CPU scenes first, as in new envs (each evaluation does, for about 0.3 s an env). Plain
+        resets replay the same seeds exactly as well (tested): what made them differ until the thirty-ninth session
+        was the stale is_grasped that FreshGraspFlag clears. (The GPU scene is not rebuilt: slow for hundreds of
+        sub-scenes, and its partial resets' is_grasped is not measured here.)"""
         options = {"reconfigure": True} if rebuild and not self.gpu else {}
         with self.cpu_sim():
             obs, _ = self.env.reset(seed=seed, options=options)  # an int seeds env i with seed + i; a list: its own
@@ -551,6 +578,18 @@ class NoiseHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u = (torch.tanh(self.net(h.float())) + 1) / 2  # [N, H, D] in (0, 1)
         return torch.exp(self.log_min + u * (self.log_max - self.log_min))
+
+
+def checkpoint_noise_head(policy, extra: dict, meta: dict) -> NoiseHead | None:
+    """The learned noise head of a Flow-Noise PPO checkpoint (vla.load_checkpoint's extra tensors and metadata), in
+    its run's bounds; None for a checkpoint without one (SFT, Flow-SDE PPO, GRPO)."""
+    state = {k[len("noise_head."):]: v for k, v in extra.items() if k.startswith("noise_head.")}
+    if not state:
+        return None
+    run = meta["args"]
+    head = NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], run["sigma_min"], run["sigma_max"])
+    head.load_state_dict(state)
+    return head
 
 
 def gaussian_logp(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, C: int, A: int) -> torch.Tensor:

@@ -108,12 +108,7 @@ def main(argv=None):
         raise ValueError(f"{cli.checkpoint} has no norm_stats.json: the policy's normalisation is unknown")
     policy.eval()
     cli.denoise_steps = cli.denoise_steps or meta.get("denoise_steps", 4)
-    head = None
-    if any(k.startswith("noise_head.") for k in extra):  # a Flow-Noise PPO checkpoint: its head, in its bounds
-        run = meta["args"]
-        head = flow_noise_ppo.NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], run["sigma_min"],
-                                        run["sigma_max"])
-        head.load_state_dict({k[len("noise_head."):]: v for k, v in extra.items() if k.startswith("noise_head.")})
+    head = flow_noise_ppo.checkpoint_noise_head(policy, extra, meta)  # a Flow-Noise PPO checkpoint's, else None
     _, env_id = flow_sde_ppo.resolve_env_id(cli.env_id)
     args = replace(flow_sde_ppo.Args(), env_id=env_id, action_chunk=cli.action_chunk, denoise_steps=cli.denoise_steps,
                    max_episode_steps=cli.max_episode_steps, obs_mode=meta.get("obs_mode", "state"),

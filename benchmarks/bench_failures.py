@@ -8,9 +8,12 @@ For "held off the goal" it prints the cube-goal distance at the end and over the
 has stopped short of the goal keeps it constant). PickCube state observations only.
 --scripted runs a hand-written proportional controller instead of a policy on the same episodes (seeds, controller,
 time limit): what the env and its end-effector controller allow without any learning.
+--sampler train samples the actions as the checkpoint's RL run rolled out (Flow-Noise PPO: its chain with its learned
+noise head; Flow-SDE PPO and GRPO: one SDE step per chunk at the run's noise level) instead of the deterministic ODE:
+how often the policy that RL trained succeeds, against the ODE policy the evaluation scores.
 
 Run: .venv/bin/python benchmarks/bench_failures.py --checkpoint runs/flow_sde_ppo/PickCube-v1_1/checkpoint
-     [--action-chunk 4] [--denoise-steps 4] [--episodes 100]
+     [--action-chunk 4] [--denoise-steps K] [--episodes 100] [--sampler ode|train]
      .venv/bin/python benchmarks/bench_failures.py --scripted
 """
 
@@ -21,6 +24,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import flow_noise_ppo
 import flow_sde_ppo
 import vla
 
@@ -98,17 +102,36 @@ def scripted_evaluate(envs: Recorder, args, num_episodes: int, gain: float = 0.0
                 break
 
 
+def training_sampler(head, noise_level: float, action_chunk: int):
+    """A stand-in for flow_sde_ppo.sample_actions that samples as an RL run rolls out: Flow-Noise PPO's chain with
+    the learned noise head (head given), else Flow-SDE's hybrid chunk (one SDE step at noise_level) -> env actions."""
+
+    def sample(policy, normalizer, obs, prompts, denoise_steps, action_dim, generator=None):
+        prefix = policy.encode_prefix(normalizer.normalize("state", obs["state"]), prompts, obs["images"])
+        args = replace(flow_sde_ppo.Args(), denoise_steps=denoise_steps, noise_level=noise_level,
+                       action_chunk=action_chunk)
+        if head is not None:
+            x = flow_noise_ppo.sample_chain(policy, head, prefix, args, action_dim, generator)[0][:, -1]  # [N, H, D]
+        else:
+            x = flow_sde_ppo.sample_chunk(policy, prefix, args, action_dim, generator)[0]  # [N, H, D]
+        return normalizer.unnormalize("actions", x[..., :action_dim])
+
+    return sample
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--checkpoint", help="an SFT or RL checkpoint directory")
     who.add_argument("--scripted", action="store_true", help="the proportional controller instead of a policy")
     p.add_argument("--action-chunk", type=int, default=4, help="actions executed per decision")
-    p.add_argument("--denoise-steps", type=int, default=4)
+    p.add_argument("--denoise-steps", type=int, default=None, help="default: the checkpoint's (an RL run's), else 4")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--num-envs", type=int, default=10, help="parallel envs (the scripts' --num-eval-envs)")
     p.add_argument("--max-episode-steps", type=int, default=80)
     p.add_argument("--eval-seed", type=int, default=10_000)
+    p.add_argument("--sampler", choices=("ode", "train"), default="ode",
+                   help="ode: the evaluation's; train: the checkpoint's RL rollout sampler")
     cli = p.parse_args(argv)
     torch.set_num_threads(1)
     if cli.scripted:
@@ -119,9 +142,10 @@ def main(argv=None):
         scripted_evaluate(envs, args, cli.episodes)
         report(envs, cli.episodes, "scripted controller")
         return
-    policy, normalizer, _, meta = vla.load_checkpoint(cli.checkpoint)
+    policy, normalizer, extra, meta = vla.load_checkpoint(cli.checkpoint)
     if normalizer is None:
         raise ValueError(f"{cli.checkpoint} has no norm_stats.json: the policy's normalisation is unknown")
+    cli.denoise_steps = cli.denoise_steps or meta.get("denoise_steps", 4)
     args = replace(flow_sde_ppo.Args(), action_chunk=cli.action_chunk, denoise_steps=cli.denoise_steps,
                    eval_seed=cli.eval_seed, max_episode_steps=cli.max_episode_steps,
                    obs_mode=meta.get("obs_mode", "state"), control_mode=meta.get("control_mode", "pd_ee_delta_pose"),
@@ -129,9 +153,24 @@ def main(argv=None):
     if args.obs_mode != "state" or policy.config.state_dim != STATE_DIM:
         raise ValueError(f"{cli.checkpoint} is not a PickCube state-observation policy ({args.obs_mode}, "
                          f"{policy.config.state_dim}-D state): this breakdown reads PickCube's state layout")
+    who = f"{cli.checkpoint}: C = {cli.action_chunk}, K = {cli.denoise_steps}"
+    ode = sampler = flow_sde_ppo.sample_actions
+    if cli.sampler == "train":
+        run = meta.get("args", {})
+        head = flow_noise_ppo.checkpoint_noise_head(policy, extra, meta)  # Flow-Noise PPO's learned head
+        if head is None and "noise_level" not in run:
+            raise ValueError(f"{cli.checkpoint} is not an RL run's checkpoint (no noise head, no noise level): "
+                             "--sampler train samples as the run rolled out; use --sampler ode")
+        who += (", its training sampler (Flow-Noise chain, its noise head)" if head is not None else
+                f", its training sampler (Flow-SDE, noise level {run['noise_level']:g})")
+        sampler = training_sampler(head, run.get("noise_level", 0.0), cli.action_chunk)
     envs = Recorder(flow_sde_ppo.make_envs(args, cli.num_envs, ignore_terminations=True, device=torch.device("cpu")))
-    flow_sde_ppo.evaluate(policy, normalizer, envs, args, cli.episodes)
-    report(envs, cli.episodes, f"{cli.checkpoint}: C = {cli.action_chunk}, K = {cli.denoise_steps}")
+    try:  # evaluate looks sample_actions up in its module at each call: the stand-in replaces the ODE there
+        flow_sde_ppo.sample_actions = sampler
+        flow_sde_ppo.evaluate(policy, normalizer, envs, args, cli.episodes)
+    finally:
+        flow_sde_ppo.sample_actions = ode
+    report(envs, cli.episodes, who)
 
 
 def held_off(dist: np.ndarray, height: np.ndarray, goal_z: np.ndarray, labels: np.ndarray) -> dict:

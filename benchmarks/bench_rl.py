@@ -7,7 +7,7 @@ Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes
 Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second
 session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of
 these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor
-step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed12 Flow-Noise
+step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed13 Flow-Noise
 PPO with K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop
 (--target-kl 0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5
 --anneal-lr --target-kl 0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std
@@ -125,6 +125,9 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "noise_k2_seed10": (flow_noise_ppo, S2X | K2 | dict(seed=10), "Flow-Noise PPO, K = 2, seed 10"),
     "noise_k2_seed11": (flow_noise_ppo, S2X | K2 | dict(seed=11), "Flow-Noise PPO, K = 2, seed 11"),
     "noise_k2_seed12": (flow_noise_ppo, S2X | K2 | dict(seed=12), "Flow-Noise PPO, K = 2, seed 12"),
+    # the thirty-ninth session's: a thirteenth seed, whose checkpoint the session's evaluations with the training
+    # sampler and with every round's scenes rebuilt compare against the ODE evaluation
+    "noise_k2_seed13": (flow_noise_ppo, S2X | K2 | dict(seed=13), "Flow-Noise PPO, K = 2, seed 13"),
     # the thirty-sixth session's: K = 2 with a wider clip. At 0.2 its updates clip 35-40% of the ratios to the end of
     # every run: over a third of the decisions stop contributing to the gradient before the update ends
     "noise_k2_clip3": (flow_noise_ppo, S2X | K2 | dict(clip_coef=0.3), "Flow-Noise PPO, K = 2, clip 0.3"),

@@ -289,6 +289,47 @@ def test_failure_breakdown_benchmark(tmp_path, capsys):
         assert sum(counts.values()) == (0 if rate == "100%" else 2)
 
 
+def write_noise_ppo_checkpoint(tmp_path):
+    """A Flow-Noise PPO checkpoint's layout without training: the tiny SFT policy (tmp_path/sft) with a noise head in
+    its run's bounds 0.1-0.4 and K = 2 -> tmp_path/rl."""
+    from flow_noise_ppo import NoiseHead
+    write_sft_checkpoint(tmp_path)
+    tiny, norm, _, _ = vla.load_checkpoint(tmp_path / "sft")
+    head = NoiseHead(tiny.spec["expert_hidden"], tiny.spec["max_action_dim"], 0.1, 0.4)
+    vla.save_checkpoint(tmp_path / "rl", tiny, norm, {f"noise_head.{k}": v for k, v in head.state_dict().items()},
+                        {"obs_mode": "state", "control_mode": "pd_ee_delta_pose", "denoise_steps": 2,
+                         "args": {"sigma_min": 0.1, "sigma_max": 0.4}})
+
+
+def test_failure_benchmark_training_sampler(tmp_path, capsys):
+    """bench_failures.py --sampler train samples as the RL run rolled out: with next to no noise it is the ODE from
+    the same initial noise, with noise it is not; flow_sde_ppo.sample_actions is the ODE again afterwards."""
+    from flow_noise_ppo import NoiseHead
+    bench = load_benchmark("bench_failures")
+    policy, norm = tiny_policy(7)
+    policy.eval()
+    obs, prompts = {"state": torch.randn(5, 42), "images": None}, ["pick up the cube"] * 5  # [S, D]
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    ode = sde.sample_actions(policy, norm, obs, prompts, 2, 7, gen())  # [S, H, A]
+    for quiet, loud in ((NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], 1e-7, 1e-7), 1e-7),
+                        (NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], 0.3, 0.3), 1.0)):
+        for head, level in ((quiet, 0.0), (None, loud)):
+            actions = bench.training_sampler(head, level, 4)(policy, norm, obs, prompts, 2, 7, gen())
+            if loud < 1e-3:
+                torch.testing.assert_close(actions, ode, rtol=1e-4, atol=1e-5)
+            else:
+                assert (actions - ode).abs().max() > 1e-2
+    # end to end on a Flow-Noise PPO checkpoint (a head, its run's bounds and K)
+    write_noise_ppo_checkpoint(tmp_path)
+    ode_sampler = sde.sample_actions
+    bench.main(["--checkpoint", str(tmp_path / "rl"), "--episodes", "2", "--num-envs", "2", "--max-episode-steps", "8",
+                "--sampler", "train"])
+    assert "K = 2, its training sampler (Flow-Noise chain, its noise head), 2 episodes" in capsys.readouterr().out
+    assert sde.sample_actions is ode_sampler
+    with pytest.raises(ValueError, match="not an RL run's checkpoint"):
+        bench.main(["--checkpoint", str(tmp_path / "sft"), "--sampler", "train"])
+
+
 class PointMassPolicy:
     """The exact velocity field of actions that are a point mass at each state's first entry (x_t = (1 - t) mu +
     t eps): v = (x - mu) / t. Euler's last step (t = 1/K) lands exactly on mu, whatever the initial noise."""
@@ -360,12 +401,7 @@ def test_exploration_benchmark_reads_a_learned_noise_head(tmp_path, capsys):
     torch.testing.assert_close(out["Flow-Noise, its head"][:3], torch.tensor([0.4, 0.1, 0.2]) * scale[:3].abs(),
                                rtol=0.05, atol=0)
     # end to end: a checkpoint with a noise head and its run's bounds and K
-    write_sft_checkpoint(tmp_path)
-    tiny, norm, _, _ = vla.load_checkpoint(tmp_path / "sft")
-    head = NoiseHead(tiny.spec["expert_hidden"], tiny.spec["max_action_dim"], 0.1, 0.4)
-    vla.save_checkpoint(tmp_path / "rl", tiny, norm, {f"noise_head.{k}": v for k, v in head.state_dict().items()},
-                        {"obs_mode": "state", "control_mode": "pd_ee_delta_pose", "denoise_steps": 2,
-                         "args": {"sigma_min": 0.1, "sigma_max": 0.4}})
+    write_noise_ppo_checkpoint(tmp_path)
     bench.main(["--checkpoint", str(tmp_path / "rl"), "--num-envs", "2", "--max-episode-steps", "8", "--samples", "4",
                 "--noise-levels", "0.8", "--sigmas", "0.1"])
     out = capsys.readouterr().out

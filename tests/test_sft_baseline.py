@@ -354,30 +354,35 @@ def test_evaluate_writes_video(tmp_path):
 
 
 @pytest.mark.parametrize("module, workers", [(m, 2) for m in SCRIPTS] + [("flow_sde_ppo", 1)])
-def test_rebuilt_scenes_replay_as_new_envs(module, workers):
-    """A CPU scene keeps contact state across plain resets: after a grasp, the same seed replays differently.
-    reset(rebuild=True), which every evaluation starts with, replays it exactly as new envs do."""
+def test_plain_resets_replay_as_new_envs(module, workers):
+    """A CPU scene reports its last contacts until it steps, so a plain reset after a held cube read is_grasped = 1
+    (ManiSkill 3.0.1), and the same seed then replayed differently for a policy that reads it. The envs report 0 at
+    every reset, explicit or automatic at the time limit, and keep the true 1 in the ended episode's final
+    observation: a plain reset replays the seed exactly as new envs and rebuilt scenes do."""
     m = importlib.import_module(module)
     envs = m.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, max_steps=30, ignore_terminations=True,
                            device=torch.device("cpu"), workers=workers)
-
-    def episode(rebuild):  # a scripted grasp: to the cube, close the gripper, lift -> states [30, 2, 42]
-        obs = envs.reset(seed=5, rebuild=rebuild)
-        states = [obs["state"]]
-        for t in range(29):
-            a = torch.zeros(2, 7)  # [N, 7]: end-effector xyz and rotation deltas, gripper (1 open, -1 closed)
-            if t < 15:
-                a[:, :3] = (obs["state"][:, 36:39] / 0.05).clamp(-1, 1)  # towards tcp_to_obj_pos
-                a[:, 6] = 1.0
-            else:
-                a[:, 2], a[:, 6] = (0.5 if t >= 20 else 0.0), -1.0
-            obs = envs.step(a)[0]
-            states.append(obs["state"])
-        return torch.stack(states)
-
-    new = episode(rebuild=False)
-    assert new[:, :, 18].any()  # is_grasped: the cube was held
-    again, rebuilt = episode(rebuild=False), episode(rebuild=True)
+    new, info = scripted_grasp(envs, rebuild=False, steps=30)  # the 30th step ends the episode: auto-reset
+    assert (new[-2, :, 18] == 1).all() and (info["final_obs"]["state"][:, 18] == 1).all()  # held at the end
+    assert (new[-1, :, 18] == 0).all()  # the auto-reset's first observation
+    again, rebuilt = scripted_grasp(envs, rebuild=False)[0], scripted_grasp(envs, rebuild=True)[0]
     envs.close()
-    assert not torch.equal(again, new)  # the carry-over that rebuilding removes (ManiSkill 3.0.1's CPU scenes)
-    assert torch.equal(rebuilt, new)
+    assert (again[0, :, 18] == 0).all()
+    assert torch.equal(again, new[:-1]) and torch.equal(rebuilt, new[:-1])
+
+
+def scripted_grasp(envs, rebuild: bool, steps: int = 29, seed: int = 5):
+    """A scripted grasp on 2 PickCube envs: to the cube, close the gripper, lift -> states [steps + 1, 2, 42] (the
+    reset's first), the last step's info."""
+    obs = envs.reset(seed=seed, rebuild=rebuild)
+    states, info = [obs["state"]], None
+    for t in range(steps):
+        a = torch.zeros(2, 7)  # [N, 7]: end-effector xyz and rotation deltas, gripper (1 open, -1 closed)
+        if t < 15:
+            a[:, :3] = (obs["state"][:, 36:39] / 0.05).clamp(-1, 1)  # towards tcp_to_obj_pos
+            a[:, 6] = 1.0
+        else:
+            a[:, 2], a[:, 6] = (0.5 if t >= 20 else 0.0), -1.0
+        obs, _, _, _, info = envs.step(a)
+        states.append(obs["state"])
+    return torch.stack(states), info
