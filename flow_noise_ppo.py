@@ -73,8 +73,8 @@ class Args:
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation (the paper's 4). The update recomputes all K transitions, so on
     CPU PickCube 2 cut it from about 7 to 4.2 s per iteration, and 30 minutes reached 95 / 95 / 90 / 75 / 90 / 91 / 94
-    / 84 / 81 / 85 / 85 / 81% in twelve runs (410-732k env steps, by the machine's speed) against 86% at 4 (492k);
-    the tiny SFT checkpoint scores 30% at K = 2, 29% at 4 (docs/rl_sessions.md, twenty-sixth to thirty-seventh
+    / 84 / 81 / 85 / 85 / 81 / 73% in thirteen runs (189-732k env steps, by the machine's speed) against 86% at 4
+    (492k); the tiny SFT checkpoint scores 30% at K = 2, 29% at 4 (docs/rl_sessions.md, twenty-sixth to thirty-ninth
     sessions). It stays 4: a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
     sigma_min: float = 0.16
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
