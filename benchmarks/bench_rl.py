@@ -125,8 +125,8 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "noise_k2_seed10": (flow_noise_ppo, S2X | K2 | dict(seed=10), "Flow-Noise PPO, K = 2, seed 10"),
     "noise_k2_seed11": (flow_noise_ppo, S2X | K2 | dict(seed=11), "Flow-Noise PPO, K = 2, seed 11"),
     "noise_k2_seed12": (flow_noise_ppo, S2X | K2 | dict(seed=12), "Flow-Noise PPO, K = 2, seed 12"),
-    # the thirty-ninth session's: a thirteenth seed, whose checkpoint the session's evaluations with the training
-    # sampler and with every round's scenes rebuilt compare against the ODE evaluation
+    # the thirty-ninth session's: a thirteenth seed; its checkpoint is the one whose evaluation the stale is_grasped
+    # cost 6 points (README, "Where the policies fail")
     "noise_k2_seed13": (flow_noise_ppo, S2X | K2 | dict(seed=13), "Flow-Noise PPO, K = 2, seed 13"),
     # the thirty-sixth session's: K = 2 with a wider clip. At 0.2 its updates clip 35-40% of the ratios to the end of
     # every run: over a third of the decisions stop contributing to the gradient before the update ends

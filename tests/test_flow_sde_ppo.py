@@ -311,14 +311,14 @@ def test_failure_benchmark_training_sampler(tmp_path, capsys):
     obs, prompts = {"state": torch.randn(5, 42), "images": None}, ["pick up the cube"] * 5  # [S, D]
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     ode = sde.sample_actions(policy, norm, obs, prompts, 2, 7, gen())  # [S, H, A]
-    for quiet, loud in ((NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], 1e-7, 1e-7), 1e-7),
-                        (NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], 0.3, 0.3), 1.0)):
-        for head, level in ((quiet, 0.0), (None, loud)):
-            actions = bench.training_sampler(head, level, 4)(policy, norm, obs, prompts, 2, 7, gen())
-            if loud < 1e-3:
-                torch.testing.assert_close(actions, ode, rtol=1e-4, atol=1e-5)
-            else:
-                assert (actions - ode).abs().max() > 1e-2
+    head = lambda s: NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], s, s)  # noqa: E731
+    # (Flow-Noise head or None for Flow-SDE, noise level, whether it must be the ODE)
+    for h, level, is_ode in ((head(1e-7), 0.0, True), (None, 1e-7, True), (head(0.3), 0.0, False), (None, 1.0, False)):
+        actions = bench.training_sampler(h, level, 4)(policy, norm, obs, prompts, 2, 7, gen())
+        if is_ode:
+            torch.testing.assert_close(actions, ode, rtol=1e-4, atol=1e-5)
+        else:
+            assert (actions - ode).abs().max() > 1e-2
     # end to end on a Flow-Noise PPO checkpoint (a head, its run's bounds and K)
     write_noise_ppo_checkpoint(tmp_path)
     ode_sampler = sde.sample_actions
