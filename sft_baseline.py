@@ -525,6 +525,17 @@ def load_maniskill_demos(path: Path, num_demos: int, control_mode: str) -> list[
     if mode != control_mode:
         raise ValueError(f"{path} was recorded with control mode {mode!r}, not {control_mode!r}: convert it with "
                          f"python -m mani_skill.trajectory.replay_trajectory -c {control_mode} -o state --save-traj")
+    # ManiSkill's replay tool resets its scene between episodes without stepping it, so each first observation's
+    # is_grasped is the previous episode's last (199 of 200 PickCube demos read 1): cleared as FreshGraspFlag clears
+    # the envs', found by name in one env built with the file's settings (on the CPU, not rendering: the layout is
+    # the same), so the demos start as the envs do.
+    grasp_col, env_info = None, meta.get("env_info", {})
+    if env_info.get("env_kwargs", {}).get("obs_mode") == "state":
+        import mani_skill.envs  # noqa: F401  (registers the tasks)
+        kw = {**env_info["env_kwargs"], "num_envs": 1, "sim_backend": "physx_cpu", "render_mode": None}
+        env = FreshGraspFlag(gym.make(env_info["env_id"], **kw))
+        grasp_col = env.col
+        env.close()
     episodes = []
     with h5py.File(path, "r") as f:
         for ep in meta["episodes"][:num_demos]:
@@ -535,7 +546,9 @@ def load_maniskill_demos(path: Path, num_demos: int, control_mode: str) -> list[
                                  "replay_trajectory -o state|rgb --save-traj to add observations)")
             T = g["actions"].shape[0]
             if isinstance(g["obs"], h5py.Dataset):
-                state, images = g["obs"][:T], None
+                state, images = g["obs"][:T], None  # [T, D]
+                if grasp_col is not None:
+                    state[0, grasp_col] = 0
             else:
                 state = g["obs/agent/qpos"][:T]
                 images = np.stack([c["rgb"][:T] for c in g["obs/sensor_data"].values()], 1)

@@ -104,7 +104,8 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     # 6-7 s update halves and 30 minutes hold more iterations
     "noise_e2": (flow_noise_ppo, S2X | dict(update_epochs=2, lr=2e-5), "Flow-Noise PPO, 2 epochs, lr 2e-5"),
     # the twenty-sixth session's: K = 2 denoising steps (the SFT checkpoint scores 30% at K = 2, 29% at K = 4), which
-    # halves the K transitions Flow-Noise PPO's update recomputes
+    # halves the K transitions Flow-Noise PPO's update recomputes; rerun in the fortieth session, as was "sde", with
+    # fresh reset observations from an SFT checkpoint trained on demos with fresh first observations
     "noise_k2": (flow_noise_ppo, S2X | dict(denoise_steps=2), "Flow-Noise PPO, K = 2"),
     "noise_k2_seed2": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=2), "Flow-Noise PPO, K = 2, seed 2"),
     "noise_k2_seed3": (flow_noise_ppo, S2X | dict(denoise_steps=2, seed=3), "Flow-Noise PPO, K = 2, seed 3"),

@@ -99,6 +99,24 @@ def test_maniskill_demo_reader_shapes(maniskill_demos):
     assert meta["episodes"][0]["success"] and meta["env_info"]["env_kwargs"]["control_mode"] == CTRL
 
 
+def test_demos_start_as_the_envs_reset(maniskill_demos):
+    """The replay tool resets its scene between demos without stepping it, so the file's first observations carry
+    the previous demo's is_grasped; the reader clears it, and each demo then starts exactly as the training envs'
+    reset with its seed does (the rest of the episode as the file holds it)."""
+    eps = sft.load_maniskill_demos(maniskill_demos, 3, CTRL)
+    seeds = [ep["episode_seed"] for ep in json.loads(maniskill_demos.with_suffix(".json").read_text())["episodes"]]
+    envs = sft.ManiSkillEnvs("PickCube-v1", 3, "state", CTRL, max_steps=10, ignore_terminations=True,
+                             device=torch.device("cpu"), workers=1)
+    reset = envs.reset(seed=seeds)["state"].numpy()  # [3, 42]
+    envs.close()
+    with h5py.File(maniskill_demos, "r") as f:
+        stored = [f[f"traj_{i}"]["obs"][: len(ep["actions"])] for i, ep in enumerate(eps)]  # [T, 42] each
+    assert [s[0, 18] for s in stored] == [0, 1, 1]  # is_grasped: stale after demos that ended holding the cube
+    for ep, s, r in zip(eps, stored, reset):
+        np.testing.assert_array_equal(ep["state"][0], r)
+        np.testing.assert_array_equal(ep["state"][1:], s[1:])
+
+
 def test_planner_acceleration_limit_sets_demo_pace(tmp_path, maniskill_demos, capsys):
     """The same seeds planned at 2.0 rad/s^2 take fewer steps than at ManiSkill's own 0.9 (the default), in the
     planner's file and after conversion, and each setting has its own cache (a 0.9 file is never reused for 2.0),
