@@ -14,7 +14,9 @@ PPO with K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl0
 bounds (0.32-0.64), noise_k2_s4x_lr2e5 / noise_k2_s4x_lr2e5_seed4 / noise_k2_s4x_lr2e5_seed2 the same at actor lr
 2e-5, noise_k2_nh1e4 at K = 2 with the noise head's lr 1e-4 (noise_k2_nh1e3 / noise_k2_nh1e3_seed4: 1e-3),
 noise_k2_ep8 at K = 2 with 8 update epochs (noise_k2_ep8_anneal: and the lr annealed to 0), noise_k2_clip3 at K = 2
-with the clip at 0.3 (noise_k2_clip3_seed10 / noise_k2_clip3_seed11: seeds 10 and 11); the other entries of RUNS
+with the clip at 0.3 (noise_k2_clip3_seed10 / noise_k2_clip3_seed11: seeds 10 and 11), sde_it110 / noise_k2_it110
+(and their _seed2 / _seed3) the fresh-flag runs of the forty-first to forty-fourth sessions over a fixed 110
+iterations (563k env steps, a usual machine's 30 minutes) instead of --minutes; the other entries of RUNS
 rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before
 the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the
 sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
@@ -50,6 +52,10 @@ S2X = dict(sigma_min=0.16, sigma_max=0.32)  # Flow-Noise's std bounds since the 
 S4X = dict(sigma_min=0.32, sigma_max=0.64)  # twice those
 K2 = dict(denoise_steps=2)
 SDE_STEP = dict(lr=3e-5, anneal_lr=True, target_kl=0.05)  # Flow-SDE PPO's actor step since the twelfth session
+# A fixed schedule in place of the wall clock, which slow machines shorten: 110 iterations are the 563k env steps a
+# usual machine's 30 minutes hold, and Flow-SDE PPO anneals its lr over them whatever the machine's speed
+IT110 = dict(total_iterations=110, time_budget_min=None)
+SCHEDULE = {"seed", *IT110}  # changes that leave the method as it is: drawn with solid lines
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
     "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
@@ -170,6 +176,16 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                        "Flow-Noise PPO, K = 2, noise head lr 1e-3"),
     "noise_k2_nh1e3_seed4": (flow_noise_ppo, S2X | K2 | dict(noise_head_lr=1e-3, seed=4),
                              "Flow-Noise PPO, K = 2, noise head lr 1e-3, seed 4"),
+    # the forty-first to forty-fourth sessions': fresh reset observations, from the SFT checkpoint of demos with fresh
+    # first observations (41%), over IT110
+    "sde_it110": (flow_sde_ppo, IT110, "Flow-SDE PPO, 110 iterations"),
+    "sde_it110_seed2": (flow_sde_ppo, IT110 | dict(seed=2), "Flow-SDE PPO, 110 iterations, seed 2"),
+    "sde_it110_seed3": (flow_sde_ppo, IT110 | dict(seed=3), "Flow-SDE PPO, 110 iterations, seed 3"),
+    "noise_k2_it110": (flow_noise_ppo, S2X | K2 | IT110, "Flow-Noise PPO, K = 2, 110 iterations"),
+    "noise_k2_it110_seed2": (flow_noise_ppo, S2X | K2 | IT110 | dict(seed=2),
+                             "Flow-Noise PPO, K = 2, 110 iterations, seed 2"),
+    "noise_k2_it110_seed3": (flow_noise_ppo, S2X | K2 | IT110 | dict(seed=3),
+                             "Flow-Noise PPO, K = 2, 110 iterations, seed 3"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
@@ -206,7 +222,7 @@ def plot(algos, out):
         x_steps = [r["global_step"] / 1e3 for r in ev]
         x_min = [r["train_time"] / 60 for r in ev]
         y = [100 * r["eval/success_once"] for r in ev]
-        style = dict(marker="o", label=RUNS[algo][2], linestyle="--" if set(RUNS[algo][1]) - {"seed"} else "-")
+        style = dict(marker="o", label=RUNS[algo][2], linestyle="--" if set(RUNS[algo][1]) - SCHEDULE else "-")
         axes[0].plot(x_steps, y, **style)
         axes[1].plot(x_min, y, **style)
     axes[0].set_xlabel("env steps (thousands)")
@@ -234,8 +250,9 @@ def main():
     if not cli.plot_only:
         for algo in cli.algos:
             mod, changes, _ = RUNS[algo]
-            args = replace(mod.Args(), time_budget_min=cli.minutes, total_iterations=10_000,
-                           eval_every=cli.eval_every, output_dir=str(OUT / algo), **changes)
+            run = dict(time_budget_min=cli.minutes, total_iterations=10_000, eval_every=cli.eval_every,
+                       output_dir=str(OUT / algo))
+            args = replace(mod.Args(), **(run | changes))  # a run's own schedule (IT110) wins over --minutes
             shutil.rmtree(OUT / algo, ignore_errors=True)  # metrics.jsonl appends: start clean
             t0 = time.time()
             mod.main(args)
