@@ -16,10 +16,11 @@ bounds (0.32-0.64), noise_k2_s4x_lr2e5 / noise_k2_s4x_lr2e5_seed4 / noise_k2_s4x
 noise_k2_ep8 at K = 2 with 8 update epochs (noise_k2_ep8_anneal: and the lr annealed to 0), noise_k2_clip3 at K = 2
 with the clip at 0.3 (noise_k2_clip3_seed10 / noise_k2_clip3_seed11: seeds 10 and 11), sde_it110 / noise_k2_it110
 (and their _seed2 / _seed3) the fresh-flag runs of the forty-first to forty-fourth sessions over a fixed 110
-iterations (563k env steps, a usual machine's 30 minutes) instead of --minutes; the other entries of RUNS
-rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before
-the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the
-sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
+iterations (563k env steps, a usual machine's 30 minutes) instead of --minutes, sde_k2_a045_it110 (and its _seed2)
+the same for Flow-SDE PPO at K = 2 with noise level 0.45 (forty-fifth session); the other entries of RUNS rerun
+earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the
+nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth
+session, GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -186,6 +187,12 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                              "Flow-Noise PPO, K = 2, 110 iterations, seed 2"),
     "noise_k2_it110_seed3": (flow_noise_ppo, S2X | K2 | IT110 | dict(seed=3),
                              "Flow-Noise PPO, K = 2, 110 iterations, seed 3"),
+    # the forty-fifth session's: Flow-SDE at K = 2 with the noise level whose action spread matches the default's
+    # (a = 0.45 at K = 2 ~ a = 1.2 at K = 4, benchmarks/bench_exploration.py), over IT110
+    "sde_k2_a045_it110": (flow_sde_ppo, K2 | dict(noise_level=0.45) | IT110,
+                          "Flow-SDE PPO, K = 2, a = 0.45, 110 iterations"),
+    "sde_k2_a045_it110_seed2": (flow_sde_ppo, K2 | dict(noise_level=0.45) | IT110 | dict(seed=2),
+                                "Flow-SDE PPO, K = 2, a = 0.45, 110 iterations, seed 2"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
