@@ -57,6 +57,9 @@ SDE_STEP = dict(lr=3e-5, anneal_lr=True, target_kl=0.05)  # Flow-SDE PPO's actor
 # usual machine's 30 minutes hold, and Flow-SDE PPO anneals its lr over them whatever the machine's speed
 IT110 = dict(total_iterations=110, time_budget_min=None)
 SCHEDULE = {"seed", *IT110}  # changes that leave the method as it is: drawn with solid lines
+# Flow-SDE at K = 2 with the noise level that keeps the default's action spread (bench_exploration.py: a = 0.45 at
+# K = 2 spreads the executed actions as a = 1.2 does at K = 4)
+SDE_K2 = K2 | dict(noise_level=0.45)
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
     "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
@@ -187,11 +190,10 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                              "Flow-Noise PPO, K = 2, 110 iterations, seed 2"),
     "noise_k2_it110_seed3": (flow_noise_ppo, S2X | K2 | IT110 | dict(seed=3),
                              "Flow-Noise PPO, K = 2, 110 iterations, seed 3"),
-    # the forty-fifth session's: Flow-SDE at K = 2 with the noise level whose action spread matches the default's
-    # (a = 0.45 at K = 2 ~ a = 1.2 at K = 4, benchmarks/bench_exploration.py), over IT110
-    "sde_k2_a045_it110": (flow_sde_ppo, K2 | dict(noise_level=0.45) | IT110,
+    # the forty-fifth session's: SDE_K2 over IT110
+    "sde_k2_a045_it110": (flow_sde_ppo, SDE_K2 | IT110,
                           "Flow-SDE PPO, K = 2, a = 0.45, 110 iterations"),
-    "sde_k2_a045_it110_seed2": (flow_sde_ppo, K2 | dict(noise_level=0.45) | IT110 | dict(seed=2),
+    "sde_k2_a045_it110_seed2": (flow_sde_ppo, SDE_K2 | IT110 | dict(seed=2),
                                 "Flow-SDE PPO, K = 2, a = 0.45, 110 iterations, seed 2"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
