@@ -17,10 +17,12 @@ noise_k2_ep8 at K = 2 with 8 update epochs (noise_k2_ep8_anneal: and the lr anne
 with the clip at 0.3 (noise_k2_clip3_seed10 / noise_k2_clip3_seed11: seeds 10 and 11), sde_it110 / noise_k2_it110
 (and their _seed2 / _seed3) the fresh-flag runs of the forty-first to forty-fourth sessions over a fixed 110
 iterations (563k env steps, a usual machine's 30 minutes) instead of --minutes, sde_k2_a045_it110 (and its _seed2)
-the same for Flow-SDE PPO at K = 2 with noise level 0.45 (forty-fifth session); the other entries of RUNS rerun
-earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the
-nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth
-session, GRPO's before the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
+the same for Flow-SDE PPO at K = 2 with noise level 0.45 (forty-fifth session; _seed3 forty-sixth), sde_k2_a045 /
+sde_k2_a045_seed2 the same over --minutes and sde_fresh30 the default beside them on the same usual-speed machine
+(forty-sixth session); the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all
+with 8 actions per decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4
+minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all envs in one process
+(--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -195,6 +197,14 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                           "Flow-SDE PPO, K = 2, a = 0.45, 110 iterations"),
     "sde_k2_a045_it110_seed2": (flow_sde_ppo, SDE_K2 | IT110 | dict(seed=2),
                                 "Flow-SDE PPO, K = 2, a = 0.45, 110 iterations, seed 2"),
+    "sde_k2_a045_it110_seed3": (flow_sde_ppo, SDE_K2 | IT110 | dict(seed=3),
+                                "Flow-SDE PPO, K = 2, a = 0.45, 110 iterations, seed 3"),
+    # the forty-sixth session's, on a machine at the usual speed: SDE_K2 over --minutes (30 minutes hold 855-865k env
+    # steps at K = 2 there, the lr annealed over them), and the default beside them on the same machine (the settings
+    # of "sde", a directory of its own)
+    "sde_k2_a045": (flow_sde_ppo, SDE_K2, "Flow-SDE PPO, K = 2, a = 0.45, 30 minutes"),
+    "sde_k2_a045_seed2": (flow_sde_ppo, SDE_K2 | dict(seed=2), "Flow-SDE PPO, K = 2, a = 0.45, 30 minutes, seed 2"),
+    "sde_fresh30": (flow_sde_ppo, {}, "Flow-SDE PPO, 30 minutes"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
