@@ -73,11 +73,8 @@ class Args:
     --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation. At K = 2 the same exploration takes a smaller noise level
-    (--noise-level 0.45 spreads the executed actions as 1.2 does at K = 4; benchmarks/bench_exploration.py). On
-    CPU PickCube from the SFT checkpoint, K = 2 with a = 0.45 ended at 98 / 91 / 90% in three seeds over 110
-    iterations (563k env steps), the default at 90 / 92 / 92%; over 30 minutes of training on a usual-speed
-    machine (--time-budget-min 30, 855-865k env steps at K = 2) at 96 / 94% in two seeds, the default at 95% (see
-    the README)"""
+    (--noise-level 0.45 spreads the executed actions as 1.2 does at K = 4; benchmarks/bench_exploration.py). On CPU
+    PickCube K = 2 with a = 0.45 and the default end alike at equal env steps (see the README)"""
     noise_level: float = 1.2
     """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise (the paper's default is 0.5, its ablation's best 0.8).
     With K = 4 a larger a also spreads the executed actions more: 2.5 / 4 times the ODE's own spread at a = 0.8 /
