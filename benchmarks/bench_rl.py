@@ -21,11 +21,11 @@ the same for Flow-SDE PPO at K = 2 with noise level 0.45 (forty-fifth session; _
 sde_k2_a045_seed2 the same over --minutes and sde_fresh30 the default beside them on the same usual-speed machine
 (forty-sixth session), sde_fresh30_seed2 / sde_fresh30_seed3 its seeds 2 and 3 and noise_k2_fresh30 /
 noise_k2_fresh30_seed2 Flow-Noise PPO at K = 2 over --minutes on the same machine (forty-seventh session),
-noise_fresh30 Flow-Noise PPO's default and noise_k2_fresh30_seed3 / noise_k2_fresh30_seed4 two more seeds at K = 2
-there (forty-eighth session); the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std
-0.08-0.16), all with 8 actions per decision (the default before the nineteenth session; *_c8 are those defaults): 16
-envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all envs in one
-process (--env-workers 1), the paper's noise level 0.5.
+noise_fresh30 / noise_fresh30_seed2 Flow-Noise PPO's default and noise_k2_fresh30_seed3 / noise_k2_fresh30_seed4 two
+more seeds at K = 2 there (forty-eighth session); the other entries of RUNS rerun earlier tables' settings (at a =
+0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the nineteenth session; *_c8 are those
+defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth),
+all envs in one process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -214,9 +214,10 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde_fresh30_seed3": (flow_sde_ppo, dict(seed=3), "Flow-SDE PPO, 30 minutes, seed 3"),
     "noise_k2_fresh30": (flow_noise_ppo, S2X | K2, "Flow-Noise PPO, K = 2, 30 minutes"),
     "noise_k2_fresh30_seed2": (flow_noise_ppo, S2X | K2 | dict(seed=2), "Flow-Noise PPO, K = 2, 30 minutes, seed 2"),
-    # the forty-eighth session's, on the same machine: Flow-Noise PPO's default (K = 4) over --minutes, and seeds 3
-    # and 4 of noise_k2_fresh30
+    # the forty-eighth session's, on the same machine: Flow-Noise PPO's default (K = 4) over --minutes in two seeds,
+    # and seeds 3 and 4 of noise_k2_fresh30
     "noise_fresh30": (flow_noise_ppo, {}, "Flow-Noise PPO, 30 minutes"),
+    "noise_fresh30_seed2": (flow_noise_ppo, dict(seed=2), "Flow-Noise PPO, 30 minutes, seed 2"),
     "noise_k2_fresh30_seed3": (flow_noise_ppo, S2X | K2 | dict(seed=3), "Flow-Noise PPO, K = 2, 30 minutes, seed 3"),
     "noise_k2_fresh30_seed4": (flow_noise_ppo, S2X | K2 | dict(seed=4), "Flow-Noise PPO, K = 2, 30 minutes, seed 4"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
