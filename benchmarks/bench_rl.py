@@ -22,10 +22,11 @@ sde_k2_a045_seed2 the same over --minutes and sde_fresh30 the default beside the
 (forty-sixth session), sde_fresh30_seed2 / sde_fresh30_seed3 its seeds 2 and 3 and noise_k2_fresh30 /
 noise_k2_fresh30_seed2 Flow-Noise PPO at K = 2 over --minutes on the same machine (forty-seventh session),
 noise_fresh30 / noise_fresh30_seed2 Flow-Noise PPO's default and noise_k2_fresh30_seed3 / noise_k2_fresh30_seed4 two
-more seeds at K = 2 there (forty-eighth session); the other entries of RUNS rerun earlier tables' settings (at a =
-0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the nineteenth session; *_c8 are those
-defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth),
-all envs in one process (--env-workers 1), the paper's noise level 0.5.
+more seeds at K = 2 there (forty-eighth session), noise_sdeopt_fresh30 (and its _seed2 / _seed3) Flow-Noise PPO's K =
+4 with Flow-SDE PPO's actor step there (forty-ninth session); the other entries of RUNS rerun earlier tables'
+settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the nineteenth session;
+*_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before
+the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -46,6 +47,7 @@ import flow_sde_ppo
 SIXTEEN = dict(num_envs=16, num_minibatches=4)
 SDE_CONST = dict(lr=1e-5, anneal_lr=False, target_kl=None)  # Flow-SDE PPO's actor step before the ninth session
 SDE_2E5 = dict(lr=2e-5, target_kl=None)  # Flow-SDE PPO's default of the ninth to eleventh sessions
+NOISE_CONST = dict(lr=1e-5, anneal_lr=False, target_kl=None)  # Flow-Noise PPO's actor step before the 49th session
 ONE_PROC = dict(env_workers=1)  # every env in the script's own process: one core
 # The RL scripts' defaults before the nineteenth session: 8 actions per decision (the SFT checkpoint's), 10 decisions
 # per 80-step episode and gamma / lambda 0.9 / 0.95 per decision (the defaults' squares: the same per env step).
@@ -216,13 +218,25 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "noise_k2_fresh30_seed2": (flow_noise_ppo, S2X | K2 | dict(seed=2), "Flow-Noise PPO, K = 2, 30 minutes, seed 2"),
     # the forty-eighth session's, on the same machine: Flow-Noise PPO's default (K = 4) over --minutes in two seeds,
     # and seeds 3 and 4 of noise_k2_fresh30
-    "noise_fresh30": (flow_noise_ppo, {}, "Flow-Noise PPO, 30 minutes"),
-    "noise_fresh30_seed2": (flow_noise_ppo, dict(seed=2), "Flow-Noise PPO, 30 minutes, seed 2"),
+    "noise_fresh30": (flow_noise_ppo, {}, "Flow-Noise PPO, lr 1e-5, 30 minutes"),
+    "noise_fresh30_seed2": (flow_noise_ppo, dict(seed=2), "Flow-Noise PPO, lr 1e-5, 30 minutes, seed 2"),
     "noise_k2_fresh30_seed3": (flow_noise_ppo, S2X | K2 | dict(seed=3), "Flow-Noise PPO, K = 2, 30 minutes, seed 3"),
     "noise_k2_fresh30_seed4": (flow_noise_ppo, S2X | K2 | dict(seed=4), "Flow-Noise PPO, K = 2, 30 minutes, seed 4"),
+    # the forty-ninth session's, on the same machine: Flow-Noise PPO's K = 4 with Flow-SDE PPO's actor step over
+    # --minutes (noise_kl05_lr3e5's settings, directories of their own)
+    "noise_sdeopt_fresh30": (flow_noise_ppo, S2X | SDE_STEP, "Flow-Noise PPO, lr 3e-5 annealed, KL stop"),
+    "noise_sdeopt_fresh30_seed2": (flow_noise_ppo, S2X | SDE_STEP | dict(seed=2),
+                                   "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 2"),
+    "noise_sdeopt_fresh30_seed3": (flow_noise_ppo, S2X | SDE_STEP | dict(seed=3),
+                                   "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 3"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
+# Every Flow-Noise PPO entry but "noise" (the default) and the forty-ninth session's ran with NOISE_CONST, then the
+# default: it goes under each entry's own changes, so the entries keep their settings
+for _name, (_mod, _changes, _label) in RUNS.items():
+    if _mod is flow_noise_ppo and _name != "noise" and not _name.startswith("noise_sdeopt_fresh30"):
+        RUNS[_name] = (_mod, NOISE_CONST | _changes, _label)
 OUT = Path("runs/bench_rl")
 
 
@@ -256,7 +270,9 @@ def plot(algos, out):
         x_steps = [r["global_step"] / 1e3 for r in ev]
         x_min = [r["train_time"] / 60 for r in ev]
         y = [100 * r["eval/success_once"] for r in ev]
-        style = dict(marker="o", label=RUNS[algo][2], linestyle="--" if set(RUNS[algo][1]) - SCHEDULE else "-")
+        mod, changes, label = RUNS[algo]
+        method = {k for k, v in changes.items() if k not in SCHEDULE and getattr(mod.Args(), k) != v}
+        style = dict(marker="o", label=label, linestyle="--" if method else "-")  # solid: the script's default
         axes[0].plot(x_steps, y, **style)
         axes[1].plot(x_min, y, **style)
     axes[0].set_xlabel("env steps (thousands)")
