@@ -4,12 +4,13 @@ rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE upd
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
 [--plot-file docs/learning_curves.png]
 "sde", "noise", "grpo" are the scripts' defaults (64 envs, 4 actions per decision, Flow-SDE noise level 1.2,
-Flow-Noise std 0.16-0.32); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second
-session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of
-these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor
-step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed13 Flow-Noise
-PPO with K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop
-(--target-kl 0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5
+Flow-Noise std 0.16-0.32 and, since the forty-ninth session, Flow-SDE PPO's actor step; every other Flow-Noise entry
+keeps the constant lr 1e-5 it ran with); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the
+twenty-second session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other
+seeds of these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5
+actor step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed13
+Flow-Noise PPO with K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the
+KL stop (--target-kl 0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5
 --anneal-lr --target-kl 0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std
 bounds (0.32-0.64), noise_k2_s4x_lr2e5 / noise_k2_s4x_lr2e5_seed4 / noise_k2_s4x_lr2e5_seed2 the same at actor lr
 2e-5, noise_k2_nh1e4 at K = 2 with the noise head's lr 1e-4 (noise_k2_nh1e3 / noise_k2_nh1e3_seed4: 1e-3),
