@@ -140,8 +140,8 @@ class Args:
     lr: float = 3e-5
     """actor learning rate at the start (the expert, projections); the VLM is frozen. Annealed to 0 (--anneal-lr) and
     held back by --target-kl, the actor step of flow_sde_ppo.py: on CPU PickCube (30 minutes, fresh flags, a usual-speed
-    machine) it ended at 97 / 94 / 92% in three seeds, where the constant 1e-5 without a KL stop (the default before the
-    forty-ninth session: --lr 1e-5 --no-anneal-lr --target-kl None) ended at 92 / 91% in two (see the README). A
+    machine) it ended at 97 / 94 / 92 / 93% in four seeds, where the constant 1e-5 without a KL stop (the default before
+    the forty-ninth session: --lr 1e-5 --no-anneal-lr --target-kl None) ended at 92 / 91% in two (see the README). A
     constant 1e-4 drove the approximate KL above 1 per update on the tiny policy; the paper uses 5e-6 to 8e-6 on pi0's
     300M expert. At --denoise-steps 2 with --sigma-min 0.32 --sigma-max 0.64, a constant 2e-5 ended at 85 / 93 / 83% on
     seeds 1 / 4 / 2 (384-553k env steps on a slow machine) against 95 / 86 / 87% at 1e-5"""

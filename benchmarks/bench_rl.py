@@ -23,8 +23,8 @@ sde_k2_a045_seed2 the same over --minutes and sde_fresh30 the default beside the
 (forty-sixth session), sde_fresh30_seed2 / sde_fresh30_seed3 its seeds 2 and 3 and noise_k2_fresh30 /
 noise_k2_fresh30_seed2 Flow-Noise PPO at K = 2 over --minutes on the same machine (forty-seventh session),
 noise_fresh30 / noise_fresh30_seed2 Flow-Noise PPO's default and noise_k2_fresh30_seed3 / noise_k2_fresh30_seed4 two
-more seeds at K = 2 there (forty-eighth session), noise_sdeopt_fresh30 (and its _seed2 / _seed3) Flow-Noise PPO's K =
-4 with Flow-SDE PPO's actor step there (forty-ninth session); the other entries of RUNS rerun earlier tables'
+more seeds at K = 2 there (forty-eighth session), noise_sdeopt_fresh30 (and its _seed2 to _seed4) Flow-Noise PPO's K
+= 4 with Flow-SDE PPO's actor step there (forty-ninth session); the other entries of RUNS rerun earlier tables'
 settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the nineteenth session;
 *_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before
 the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
@@ -230,6 +230,8 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                                    "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 2"),
     "noise_sdeopt_fresh30_seed3": (flow_noise_ppo, S2X | SDE_STEP | dict(seed=3),
                                    "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 3"),
+    "noise_sdeopt_fresh30_seed4": (flow_noise_ppo, S2X | SDE_STEP | dict(seed=4),
+                                   "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 4"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
