@@ -162,7 +162,7 @@ class Args:
     """gradient-norm clip"""
     target_kl: float | None = 0.05
     """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"; None: never). With lr
-    3e-5 at K = 4 it ended about two thirds of the updates after 1-3 epochs, so 30 CPU minutes held 137-138 iterations
+    3e-5 at K = 4 it ended about two thirds of the updates after 1-3 epochs, so 30 CPU minutes held 136-142 iterations
     against 125-126 with all 4 (see lr). From the stale-flag 29% SFT start it ended 30 minutes at 93 / 81% in two seeds
     with the constant 1e-5 (which it stopped only 9-28% of updates early), 92% with the annealed 3e-5, against 86%
     without either. At --denoise-steps 2 it did not help there: 85 / 73% (a slower machine), 86 / 89% with the annealed
