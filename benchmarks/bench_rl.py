@@ -235,10 +235,10 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
-# Every Flow-Noise PPO entry but "noise" (the default) and the forty-ninth session's ran with NOISE_CONST, then the
-# default: it goes under each entry's own changes, so the entries keep their settings
+# Every Flow-Noise PPO entry but "noise" (the default) ran with NOISE_CONST unless it says otherwise: it goes under
+# each entry's own changes, so the entries keep their settings
 for _name, (_mod, _changes, _label) in RUNS.items():
-    if _mod is flow_noise_ppo and _name != "noise" and not _name.startswith("noise_sdeopt_fresh30"):
+    if _mod is flow_noise_ppo and _name != "noise":
         RUNS[_name] = (_mod, NOISE_CONST | _changes, _label)
 OUT = Path("runs/bench_rl")
 
