@@ -71,11 +71,11 @@ class Args:
     The runs with 8, at the same discount per env step (the default before the nineteenth session):
     --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
-    """K: denoising steps, in rollouts and evaluation (the paper's 4). The update recomputes all K transitions, so on
-    CPU PickCube 2 cut it from about 7 to 4.2 s per iteration, and 30 minutes reached 95 / 95 / 90 / 75 / 90 / 91 / 94
-    / 84 / 81 / 85 / 85 / 81 / 73% in thirteen runs (189-732k env steps, by the machine's speed) against 86% at 4
-    (492k); the tiny SFT checkpoint scores 30% at K = 2, 29% at 4 (docs/rl_sessions.md, twenty-sixth to thirty-ninth
-    sessions). It stays 4: a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
+    """K: denoising steps, in rollouts and evaluation (the paper's 4; it trains at 3-5). The update recomputes all K
+    transitions, so 2 halves it: on CPU PickCube with fresh flags (30 minutes, a usual-speed machine) a 4-epoch update
+    took 2.45-2.48 s at 2 against 4.30-4.75 s at 4, and 2 ended at 97 / 92 / 97 / 90% in four seeds (778-819k env steps) against
+    97 / 94 / 92 / 93% at 4 (696-727k); the SFT checkpoint scores 44% at 2, 36% at 4 (docs/rl_sessions.md, forty-ninth
+    and fiftieth sessions). It stays 4: a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
     sigma_min: float = 0.16
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
     session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about

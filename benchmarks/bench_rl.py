@@ -232,6 +232,15 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                                    "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 3"),
     "noise_sdeopt_fresh30_seed4": (flow_noise_ppo, S2X | SDE_STEP | dict(seed=4),
                                    "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 4"),
+    # the fiftieth session's, on the same machine: Flow-Noise PPO at K = 2 with its default actor step (since the
+    # forty-ninth session) over --minutes
+    "noise_k2_sdeopt_fresh30": (flow_noise_ppo, S2X | K2 | SDE_STEP, "Flow-Noise PPO, K = 2"),
+    "noise_k2_sdeopt_fresh30_seed2": (flow_noise_ppo, S2X | K2 | SDE_STEP | dict(seed=2),
+                                      "Flow-Noise PPO, K = 2, seed 2"),
+    "noise_k2_sdeopt_fresh30_seed3": (flow_noise_ppo, S2X | K2 | SDE_STEP | dict(seed=3),
+                                      "Flow-Noise PPO, K = 2, seed 3"),
+    "noise_k2_sdeopt_fresh30_seed4": (flow_noise_ppo, S2X | K2 | SDE_STEP | dict(seed=4),
+                                      "Flow-Noise PPO, K = 2, seed 4"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
