@@ -73,7 +73,7 @@ class Args:
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation (the paper's 4; it trains at 3-5). The update recomputes all K
     transitions, so 2 halves it: on CPU PickCube with fresh flags (30 minutes, a usual-speed machine) a 4-epoch update
-    took 2.45-2.48 s at 2 against 4.30-4.75 s at 4, and 2 ended at 97 / 92 / 97 / 90% in four seeds (778-819k env
+    took 2.44-2.48 s at 2 against 4.30-4.75 s at 4, and 2 ended at 97 / 92 / 97 / 90% in four seeds (778-819k env
     steps) against 97 / 94 / 92 / 93% at 4 (696-727k); the SFT checkpoint scores 44% at 2, 36% at 4
     (docs/rl_sessions.md, forty-ninth and fiftieth sessions). It stays 4: a real pi0's SFT start at K = 2 is
     unmeasured (the paper's K = 1: 9% vs 56%)"""

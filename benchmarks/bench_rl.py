@@ -24,10 +24,11 @@ sde_k2_a045_seed2 the same over --minutes and sde_fresh30 the default beside the
 noise_k2_fresh30_seed2 Flow-Noise PPO at K = 2 over --minutes on the same machine (forty-seventh session),
 noise_fresh30 / noise_fresh30_seed2 Flow-Noise PPO's default and noise_k2_fresh30_seed3 / noise_k2_fresh30_seed4 two
 more seeds at K = 2 there (forty-eighth session), noise_sdeopt_fresh30 (and its _seed2 to _seed4) Flow-Noise PPO's K
-= 4 with Flow-SDE PPO's actor step there (forty-ninth session); the other entries of RUNS rerun earlier tables'
-settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per decision (the default before the nineteenth session;
-*_c8 are those defaults): 16 envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before
-the fifth), all envs in one process (--env-workers 1), the paper's noise level 0.5.
+= 4 with Flow-SDE PPO's actor step there (forty-ninth session), noise_k2_sdeopt_fresh30 (and its _seed2 to _seed4)
+the same at K = 2 (fiftieth session); the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std
+0.08-0.16), all with 8 actions per decision (the default before the nineteenth session; *_c8 are those defaults): 16
+envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all envs in one
+process (--env-workers 1), the paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
