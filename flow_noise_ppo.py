@@ -166,8 +166,9 @@ class Args:
     3e-5 at K = 4 it ended about two thirds of the updates after 1-3 epochs, so 30 CPU minutes held 136-142 iterations
     against 125-126 with all 4 (see lr). From the stale-flag 29% SFT start it ended 30 minutes at 93 / 81% in two seeds
     with the constant 1e-5 (which it stopped only 9-28% of updates early), 92% with the annealed 3e-5, against 86%
-    without either. At --denoise-steps 2 it did not help there: 85 / 73% (a slower machine), 86 / 89% with the annealed
-    3e-5, against 95 / 95% for the same two seeds without it"""
+    without either; at --denoise-steps 2 there, 85 / 73% (a slower machine), 86 / 89% with the annealed 3e-5, against
+    95 / 95% without it. With fresh flags at --denoise-steps 2 the annealed 3e-5 with this stop ended at 97 / 92 / 97 /
+    90% in four seeds, the constant 1e-5 without it at 97 / 92 / 91 / 92% (fiftieth session)"""
     eval_every: int = 10
     """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
     eval_episodes: int = 100
