@@ -6,6 +6,7 @@ makes EVERY denoising step a Gaussian transition,
     x_k+1 = x_k - v(x_k, t_k)/K + sigma_k xi,   sigma_k = noise_head(expert tokens) in [sigma_min, sigma_max],
 so the whole chain has an exact log-likelihood:
     log p = log N(x_0; 0, I) + sum_k log N(x_k+1; x_k - v/K, sigma_k^2).
+The PPO ratio uses it divided by the K+1 terms, as the reference code does (--logprob-reduction; see there why).
 The rollout stores the chain x_0..x_K; the PPO update recomputes all K transitions over one cached prefix.
 Evaluation uses the deterministic ODE; the noise head is only used for exploration and the likelihood.
 
@@ -72,11 +73,11 @@ class Args:
     --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation (the paper's 4; it trains at 3-5). The update recomputes all K
-    transitions, so 2 halves it: on CPU PickCube with fresh flags (30 minutes, a usual-speed machine) a 4-epoch update
-    took 2.44-2.48 s at 2 against 4.30-4.75 s at 4, and 2 ended at 97 / 92 / 97 / 90% in four seeds (778-819k env
-    steps) against 97 / 94 / 92 / 93% at 4 (696-727k); the SFT checkpoint scores 44% at 2, 36% at 4
-    (docs/rl_sessions.md, forty-ninth and fiftieth sessions). It stays 4: a real pi0's SFT start at K = 2 is
-    unmeasured (the paper's K = 1: 9% vs 56%)"""
+    transitions, so 2 halves it: on CPU PickCube with fresh flags (30 minutes, a usual-speed machine) a 4-epoch
+    update took 2.44-2.48 s at 2 against 4.30-4.75 s at 4, and 2 ended at 97 / 92 / 97 / 90% in four seeds (778-819k
+    env steps) against 97 / 94 / 92 / 93% at 4 (696-727k), both with --logprob-reduction sum; the SFT checkpoint
+    scores 44% at 2, 36% at 4 (docs/rl_sessions.md, forty-ninth and fiftieth sessions). It stays 4: a real pi0's SFT
+    start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
     sigma_min: float = 0.16
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
     session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about
@@ -88,8 +89,17 @@ class Args:
     """upper bound of the noise head's std"""
     entropy_coef: float = 0.005
     """weight of the entropy bonus of the step noises"""
-    logprob_reduction: str = "sum"
-    """"sum": the exact chain log-likelihood (default); "mean": divided by K+1, as the reference code reports it"""
+    logprob_reduction: str = "mean"
+    """"mean" (the default since the fifty-first session): the chain log-likelihood divided by K+1, as the reference
+    code reports it; "sum": the exact log-likelihood. The ratio's log is the sum's divided by K+1, so the clip range
+    lets the sum's log-ratio go K+1 times as far and the KL stop (target_kl) about (K+1)^2 times: with "sum" the
+    trust region binds on the whole chain, whose KL only bounds the executed actions' KL from above (the chain adds
+    the K-1 intermediate latents), and at K = 4 it clipped 35% of the samples and ended two thirds of the updates
+    after 1-3 epochs, against Flow-SDE PPO's 15% with its one-step ratio. With "mean" 10% were clipped and every
+    update ran all 4 epochs. Fresh flags, 30 CPU minutes from the same SFT checkpoint, seeds 1-4: 96 / 97 / 93 / 96%
+    with "mean" (594k / 573k / 589k / 604k env steps, on a machine about 10% slower) against 97 / 94 / 92 / 93% with
+    "sum" (701k / 707k / 727k / 696k), and 96 / 97 / 93 / 96% against 93 / 91 / 93 / 87% at 573k env steps
+    (docs/rl_sessions.md, fifty-first session)"""
     ratio_level: str = "chunk"
     """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim), the
     paper's pi0 ManiSkill setting (58% after 30 CPU minutes against 71% for "chunk"; see README)"""
@@ -140,12 +150,13 @@ class Args:
     """value loss weight"""
     lr: float = 3e-5
     """actor learning rate at the start (the expert, projections); the VLM is frozen. Annealed to 0 (--anneal-lr) and
-    held back by --target-kl, the actor step of flow_sde_ppo.py: on CPU PickCube (30 minutes, fresh flags, a usual-speed
-    machine) it ended at 97 / 94 / 92 / 93% in four seeds, where the constant 1e-5 without a KL stop (the default before
-    the forty-ninth session: --lr 1e-5 --no-anneal-lr --target-kl None) ended at 92 / 91% in two (see the README). A
-    constant 1e-4 drove the approximate KL above 1 per update on the tiny policy; the paper uses 5e-6 to 8e-6 on pi0's
-    300M expert. At --denoise-steps 2 with --sigma-min 0.32 --sigma-max 0.64, a constant 2e-5 ended at 85 / 93 / 83% on
-    seeds 1 / 4 / 2 (384-553k env steps on a slow machine) against 95 / 86 / 87% at 1e-5"""
+    held back by --target-kl, the actor step of flow_sde_ppo.py: on CPU PickCube (30 minutes, fresh flags, a
+    usual-speed machine) it ended at 97 / 94 / 92 / 93% in four seeds with --logprob-reduction sum, where the
+    constant 1e-5 without a KL stop (the default before the forty-ninth session: --lr 1e-5 --no-anneal-lr --target-kl
+    None) ended at 92 / 91% in two (see the README), and at 96 / 97 / 93 / 96% with the default mean. A constant 1e-4
+    drove the approximate KL above 1 per update on the tiny policy; the paper uses 5e-6 to 8e-6 on pi0's 300M expert.
+    At --denoise-steps 2 with --sigma-min 0.32 --sigma-max 0.64, a constant 2e-5 ended at 85 / 93 / 83% on seeds 1 /
+    4 / 2 (384-553k env steps on a slow machine) against 95 / 86 / 87% at 1e-5"""
     noise_head_lr: float | None = None
     """learning rate of the noise head (default: --lr). At the actor's 1e-5 its std barely moves: in every K = 2 run
     it stayed within 6% of the geometric middle of its bounds, so the bounds set the noise. At --denoise-steps 2 (CPU
@@ -162,13 +173,15 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     target_kl: float | None = 0.05
-    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"; None: never). With lr
-    3e-5 at K = 4 it ended about two thirds of the updates after 1-3 epochs, so 30 CPU minutes held 136-142 iterations
-    against 125-126 with all 4 (see lr). From the stale-flag 29% SFT start it ended 30 minutes at 93 / 81% in two seeds
-    with the constant 1e-5 (which it stopped only 9-28% of updates early), 92% with the annealed 3e-5, against 86%
-    without either; at --denoise-steps 2 there, 85 / 73% (a slower machine), 86 / 89% with the annealed 3e-5, against
-    95 / 95% without it. With fresh flags at --denoise-steps 2 the annealed 3e-5 with this stop ended at 97 / 92 / 97 /
-    90% in four seeds, the constant 1e-5 without it at 97 / 92 / 91 / 92% (fiftieth session)"""
+    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"; None: never). It is
+    measured on the ratio as reduced (--logprob-reduction): with the default mean at K = 4 it stopped none of the
+    updates (approximate KL about 0.01). With lr 3e-5 at K = 4 and the sum it ended about two thirds of the updates
+    after 1-3 epochs, so 30 CPU minutes held 136-142 iterations against 125-126 with all 4 (see lr). From the
+    stale-flag 29% SFT start it ended 30 minutes at 93 / 81% in two seeds with the constant 1e-5 (which it stopped
+    only 9-28% of updates early), 92% with the annealed 3e-5, against 86% without either; at --denoise-steps 2 there,
+    85 / 73% (a slower machine), 86 / 89% with the annealed 3e-5, against 95 / 95% without it. With fresh flags at
+    --denoise-steps 2 the annealed 3e-5 with this stop ended at 97 / 92 / 97 / 90% in four seeds, the constant 1e-5
+    without it at 97 / 92 / 91 / 92% (fiftieth session)"""
     eval_every: int = 10
     """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
     eval_episodes: int = 100

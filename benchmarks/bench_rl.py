@@ -4,31 +4,33 @@ rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE upd
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
 [--plot-file docs/learning_curves.png]
 "sde", "noise", "grpo" are the scripts' defaults (64 envs, 4 actions per decision, Flow-SDE noise level 1.2,
-Flow-Noise std 0.16-0.32 and, since the forty-ninth session, Flow-SDE PPO's actor step; every other Flow-Noise entry
-keeps the constant lr 1e-5 it ran with); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the
-twenty-second session), noise_s08 / noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other
-seeds of these, noise_kl05 / noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5
-actor step), noise_e2 Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed13
-Flow-Noise PPO with K = 2 denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the
-KL stop (--target-kl 0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5
---anneal-lr --target-kl 0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std
-bounds (0.32-0.64), noise_k2_s4x_lr2e5 / noise_k2_s4x_lr2e5_seed4 / noise_k2_s4x_lr2e5_seed2 the same at actor lr
-2e-5, noise_k2_nh1e4 at K = 2 with the noise head's lr 1e-4 (noise_k2_nh1e3 / noise_k2_nh1e3_seed4: 1e-3),
-noise_k2_ep8 at K = 2 with 8 update epochs (noise_k2_ep8_anneal: and the lr annealed to 0), noise_k2_clip3 at K = 2
-with the clip at 0.3 (noise_k2_clip3_seed10 / noise_k2_clip3_seed11: seeds 10 and 11), sde_it110 / noise_k2_it110
-(and their _seed2 / _seed3) the fresh-flag runs of the forty-first to forty-fourth sessions over a fixed 110
-iterations (563k env steps, a usual machine's 30 minutes) instead of --minutes, sde_k2_a045_it110 (and its _seed2)
-the same for Flow-SDE PPO at K = 2 with noise level 0.45 (forty-fifth session; _seed3 forty-sixth), sde_k2_a045 /
-sde_k2_a045_seed2 the same over --minutes and sde_fresh30 the default beside them on the same usual-speed machine
-(forty-sixth session), sde_fresh30_seed2 / sde_fresh30_seed3 its seeds 2 and 3 and noise_k2_fresh30 /
-noise_k2_fresh30_seed2 Flow-Noise PPO at K = 2 over --minutes on the same machine (forty-seventh session),
-noise_fresh30 / noise_fresh30_seed2 Flow-Noise PPO's default and noise_k2_fresh30_seed3 / noise_k2_fresh30_seed4 two
-more seeds at K = 2 there (forty-eighth session), noise_sdeopt_fresh30 (and its _seed2 to _seed4) Flow-Noise PPO's K
-= 4 with Flow-SDE PPO's actor step there (forty-ninth session), noise_k2_sdeopt_fresh30 (and its _seed2 to _seed4)
-the same at K = 2 (fiftieth session); the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std
-0.08-0.16), all with 8 actions per decision (the default before the nineteenth session; *_c8 are those defaults): 16
-envs and 4 minibatches (the PPO scripts' default before the sixth session, GRPO's before the fifth), all envs in one
-process (--env-workers 1), the paper's noise level 0.5.
+Flow-Noise std 0.16-0.32, since the forty-ninth session Flow-SDE PPO's actor step and since the fifty-first the chain
+log-likelihood divided by K+1; every other Flow-Noise entry keeps the constant lr 1e-5 and the exact sum it ran
+with); *_a08 / *_a12 / sde_a16 set the Flow-SDE noise level (0.8 until the twenty-second session), noise_s08 /
+noise_s2x Flow-Noise's std bounds (0.08-0.16 until then), *_seed2 / *_seed3 other seeds of these, noise_kl05 /
+noise_kl05_lr3e5 Flow-Noise PPO with Flow-SDE PPO's KL stop (0.05; and its annealed 3e-5 actor step), noise_e2
+Flow-Noise PPO with 2 epochs at lr 2e-5, noise_k2 and noise_k2_seed2 to noise_k2_seed13 Flow-Noise PPO with K = 2
+denoising steps (--denoise-steps 2), noise_k2_kl05 / noise_k2_kl05_seed2 the same with the KL stop (--target-kl
+0.05), noise_k2_sdeopt / noise_k2_sdeopt_seed2 with Flow-SDE PPO's whole actor step (--lr 3e-5 --anneal-lr
+--target-kl 0.05), noise_k2_s4x / noise_k2_s4x_seed4 / noise_k2_s4x_seed2 at K = 2 with twice the std bounds
+(0.32-0.64), noise_k2_s4x_lr2e5 / noise_k2_s4x_lr2e5_seed4 / noise_k2_s4x_lr2e5_seed2 the same at actor lr 2e-5,
+noise_k2_nh1e4 at K = 2 with the noise head's lr 1e-4 (noise_k2_nh1e3 / noise_k2_nh1e3_seed4: 1e-3), noise_k2_ep8 at
+K = 2 with 8 update epochs (noise_k2_ep8_anneal: and the lr annealed to 0), noise_k2_clip3 at K = 2 with the clip at
+0.3 (noise_k2_clip3_seed10 / noise_k2_clip3_seed11: seeds 10 and 11), sde_it110 / noise_k2_it110 (and their _seed2 /
+_seed3) the fresh-flag runs of the forty-first to forty-fourth sessions over a fixed 110 iterations (563k env steps,
+a usual machine's 30 minutes) instead of --minutes, sde_k2_a045_it110 (and its _seed2) the same for Flow-SDE PPO at K
+= 2 with noise level 0.45 (forty-fifth session; _seed3 forty-sixth), sde_k2_a045 / sde_k2_a045_seed2 the same over
+--minutes and sde_fresh30 the default beside them on the same usual-speed machine (forty-sixth session),
+sde_fresh30_seed2 / sde_fresh30_seed3 its seeds 2 and 3 and noise_k2_fresh30 / noise_k2_fresh30_seed2 Flow-Noise PPO
+at K = 2 over --minutes on the same machine (forty-seventh session), noise_fresh30 / noise_fresh30_seed2 Flow-Noise
+PPO's default and noise_k2_fresh30_seed3 / noise_k2_fresh30_seed4 two more seeds at K = 2 there (forty-eighth
+session), noise_sdeopt_fresh30 (and its _seed2 to _seed4) Flow-Noise PPO's K = 4 with Flow-SDE PPO's actor step there
+(forty-ninth session), noise_k2_sdeopt_fresh30 (and its _seed2 to _seed4) the same at K = 2 (fiftieth session),
+noise_mean_fresh30 (and its _seed2 to _seed4) the same at K = 4 with --logprob-reduction mean (fifty-first session);
+the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per
+decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
+scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
+paper's noise level 0.5.
 Needs the SFT checkpoint first: .venv/bin/python sft_baseline.py
 """
 
@@ -61,6 +63,8 @@ S08 = dict(sigma_min=0.08, sigma_max=0.16)  # Flow-Noise's std bounds, likewise
 S2X = dict(sigma_min=0.16, sigma_max=0.32)  # Flow-Noise's std bounds since the twenty-second session
 S4X = dict(sigma_min=0.32, sigma_max=0.64)  # twice those
 K2 = dict(denoise_steps=2)
+SUM = dict(logprob_reduction="sum")  # Flow-Noise PPO's log-likelihood before the fifty-first session
+MEAN = dict(logprob_reduction="mean")  # since
 SDE_STEP = dict(lr=3e-5, anneal_lr=True, target_kl=0.05)  # Flow-SDE PPO's actor step since the twelfth session
 # A fixed schedule in place of the wall clock, which slow machines shorten: 110 iterations are the 563k env steps a
 # usual machine's 30 minutes hold, and Flow-SDE PPO anneals its lr over them whatever the machine's speed
@@ -242,14 +246,23 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
                                       "Flow-Noise PPO, K = 2, seed 3"),
     "noise_k2_sdeopt_fresh30_seed4": (flow_noise_ppo, S2X | K2 | SDE_STEP | dict(seed=4),
                                       "Flow-Noise PPO, K = 2, seed 4"),
+    # the fifty-first session's: Flow-Noise PPO's default (K = 4, the forty-ninth session's actor step) with the
+    # chain log-likelihood divided by K+1 (--logprob-reduction mean, the default since), over --minutes
+    "noise_mean_fresh30": (flow_noise_ppo, S2X | SDE_STEP | MEAN, "Flow-Noise PPO, log-likelihood / (K+1)"),
+    "noise_mean_fresh30_seed2": (flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(seed=2),
+                                 "Flow-Noise PPO, log-likelihood / (K+1), seed 2"),
+    "noise_mean_fresh30_seed3": (flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(seed=3),
+                                 "Flow-Noise PPO, log-likelihood / (K+1), seed 3"),
+    "noise_mean_fresh30_seed4": (flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(seed=4),
+                                 "Flow-Noise PPO, log-likelihood / (K+1), seed 4"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
-# Every Flow-Noise PPO entry but "noise" (the default) ran with NOISE_CONST unless it says otherwise: it goes under
-# each entry's own changes, so the entries keep their settings
+# Every Flow-Noise PPO entry but "noise" (the default) ran with NOISE_CONST and SUM unless it says otherwise: they go
+# under each entry's own changes, so the entries keep their settings
 for _name, (_mod, _changes, _label) in RUNS.items():
     if _mod is flow_noise_ppo and _name != "noise":
-        RUNS[_name] = (_mod, NOISE_CONST | _changes, _label)
+        RUNS[_name] = (_mod, NOISE_CONST | SUM | _changes, _label)
 OUT = Path("runs/bench_rl")
 
 

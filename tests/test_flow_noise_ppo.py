@@ -56,20 +56,20 @@ def test_std_stays_in_bounds_for_extreme_head_outputs():
         torch.testing.assert_close(head(h), torch.full((3, 5, 4), bound))
 
 
-@pytest.mark.parametrize("ratio_level", ["chunk", "token"])
-def test_ratio_one_and_gradients(ratio_level):
+@pytest.mark.parametrize("ratio_level,reduction", [("chunk", "sum"), ("chunk", "mean"), ("token", "sum")])
+def test_ratio_one_and_gradients(ratio_level, reduction):
     policy, head, norm, state, prompts = setup(N=8)
-    args = replace(fn.Args(), ratio_level=ratio_level, action_chunk=5)
+    args = replace(fn.Args(), ratio_level=ratio_level, action_chunk=5, logprob_reduction=reduction)
     critic = fn.Critic(fn.critic_feature_dim(policy, args))
     with torch.no_grad():
         prefix = policy.encode_prefix(norm.normalize("state", state), prompts)
         chain, terms = fn.sample_chain(policy, head, prefix, args, 7)
-        old = fn.reduce_terms(terms, "sum")
+        old = fn.reduce_terms(terms, reduction)
         value = critic(fn.critic_features(policy, prefix, args))
         idx = torch.tensor([5, 1, 2])
         pre2 = policy.encode_prefix(norm.normalize("state", state[idx]), prompts[:3])
         new_terms, _ = fn.chain_logp(policy, head, pre2, chain[idx], args, 7)
-    ratio = (fn.reduce_terms(new_terms, "sum") - old[idx]).sum((1, 2)).exp()
+    ratio = (fn.reduce_terms(new_terms, reduction) - old[idx]).sum((1, 2)).exp()
     assert (ratio - 1).abs().max() < 1e-5
     adv = torch.randn(8)
 
