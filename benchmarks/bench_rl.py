@@ -73,6 +73,15 @@ SCHEDULE = {"seed", *IT110}  # changes that leave the method as it is: drawn wit
 # Flow-SDE at K = 2 with the noise level that keeps the default's action spread (bench_exploration.py: a = 0.45 at
 # K = 2 spreads the executed actions as a = 1.2 does at K = 4)
 SDE_K2 = K2 | dict(noise_level=0.45)
+
+
+def four_seeds(name: str, mod, changes: dict, label: str) -> dict:
+    """A setting's entry and its _seed2 to _seed4 (directories and labels of their own)."""
+    runs = {name: (mod, changes, label)}
+    runs.update({f"{name}_seed{s}": (mod, changes | dict(seed=s), f"{label}, seed {s}") for s in (2, 3, 4)})
+    return runs
+
+
 RUNS = {  # name: (script, changes to its defaults, plot label)
     "sde": (flow_sde_ppo, {}, "Flow-SDE PPO"),
     "noise": (flow_noise_ppo, {}, "Flow-Noise PPO"),
@@ -230,31 +239,13 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "noise_k2_fresh30_seed4": (flow_noise_ppo, S2X | K2 | dict(seed=4), "Flow-Noise PPO, K = 2, 30 minutes, seed 4"),
     # the forty-ninth session's, on the same machine: Flow-Noise PPO's K = 4 with Flow-SDE PPO's actor step over
     # --minutes (noise_kl05_lr3e5's settings, directories of their own)
-    "noise_sdeopt_fresh30": (flow_noise_ppo, S2X | SDE_STEP, "Flow-Noise PPO, lr 3e-5 annealed, KL stop"),
-    "noise_sdeopt_fresh30_seed2": (flow_noise_ppo, S2X | SDE_STEP | dict(seed=2),
-                                   "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 2"),
-    "noise_sdeopt_fresh30_seed3": (flow_noise_ppo, S2X | SDE_STEP | dict(seed=3),
-                                   "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 3"),
-    "noise_sdeopt_fresh30_seed4": (flow_noise_ppo, S2X | SDE_STEP | dict(seed=4),
-                                   "Flow-Noise PPO, lr 3e-5 annealed, KL stop, seed 4"),
+    **four_seeds("noise_sdeopt_fresh30", flow_noise_ppo, S2X | SDE_STEP, "Flow-Noise PPO, lr 3e-5 annealed, KL stop"),
     # the fiftieth session's, on the same machine: Flow-Noise PPO at K = 2 with its default actor step (since the
     # forty-ninth session) over --minutes
-    "noise_k2_sdeopt_fresh30": (flow_noise_ppo, S2X | K2 | SDE_STEP, "Flow-Noise PPO, K = 2"),
-    "noise_k2_sdeopt_fresh30_seed2": (flow_noise_ppo, S2X | K2 | SDE_STEP | dict(seed=2),
-                                      "Flow-Noise PPO, K = 2, seed 2"),
-    "noise_k2_sdeopt_fresh30_seed3": (flow_noise_ppo, S2X | K2 | SDE_STEP | dict(seed=3),
-                                      "Flow-Noise PPO, K = 2, seed 3"),
-    "noise_k2_sdeopt_fresh30_seed4": (flow_noise_ppo, S2X | K2 | SDE_STEP | dict(seed=4),
-                                      "Flow-Noise PPO, K = 2, seed 4"),
+    **four_seeds("noise_k2_sdeopt_fresh30", flow_noise_ppo, S2X | K2 | SDE_STEP, "Flow-Noise PPO, K = 2"),
     # the fifty-first session's: Flow-Noise PPO's default (K = 4, the forty-ninth session's actor step) with the
     # chain log-likelihood divided by K+1 (--logprob-reduction mean, the default since), over --minutes
-    "noise_mean_fresh30": (flow_noise_ppo, S2X | SDE_STEP | MEAN, "Flow-Noise PPO, log-likelihood / (K+1)"),
-    "noise_mean_fresh30_seed2": (flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(seed=2),
-                                 "Flow-Noise PPO, log-likelihood / (K+1), seed 2"),
-    "noise_mean_fresh30_seed3": (flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(seed=3),
-                                 "Flow-Noise PPO, log-likelihood / (K+1), seed 3"),
-    "noise_mean_fresh30_seed4": (flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(seed=4),
-                                 "Flow-Noise PPO, log-likelihood / (K+1), seed 4"),
+    **four_seeds("noise_mean_fresh30", flow_noise_ppo, S2X | SDE_STEP | MEAN, "Flow-Noise PPO, log-likelihood / (K+1)"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
