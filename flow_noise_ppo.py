@@ -75,9 +75,11 @@ class Args:
     """K: denoising steps, in rollouts and evaluation (the paper's 4; it trains at 3-5). The update recomputes all K
     transitions, so 2 halves it: on CPU PickCube with fresh flags (30 minutes, a usual-speed machine) a 4-epoch
     update took 2.44-2.48 s at 2 against 4.30-4.75 s at 4, and 2 ended at 97 / 92 / 97 / 90% in four seeds (778-819k
-    env steps) against 97 / 94 / 92 / 93% at 4 (696-727k), both with --logprob-reduction sum; the SFT checkpoint
-    scores 44% at 2, 36% at 4 (docs/rl_sessions.md, forty-ninth and fiftieth sessions). It stays 4: a real pi0's SFT
-    start at K = 2 is unmeasured (the paper's K = 1: 9% vs 56%)"""
+    env steps) against 97 / 94 / 92 / 93% at 4 (696-727k), both with --logprob-reduction sum; with the default mean 2
+    ended at 97 / 91 / 97 / 96% (671-727k env steps) against 96 / 97 / 93 / 96% at 4 (573-604k); the SFT checkpoint
+    scores 44% at 2, 36% at 4 (docs/rl_sessions.md, forty-ninth to fifty-second sessions). It stays 4: level at the
+    end with the mean and ahead per env step, and a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1:
+    9% vs 56%)"""
     sigma_min: float = 0.16
     """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
     session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about
