@@ -156,9 +156,10 @@ class Args:
     usual-speed machine) it ended at 97 / 94 / 92 / 93% in four seeds with --logprob-reduction sum, where the
     constant 1e-5 without a KL stop (the default before the forty-ninth session: --lr 1e-5 --no-anneal-lr --target-kl
     None) ended at 92 / 91% in two (see the README), and at 96 / 97 / 93 / 96% with the default mean. A constant 1e-4
-    drove the approximate KL above 1 per update on the tiny policy; the paper uses 5e-6 to 8e-6 on pi0's 300M expert.
-    At --denoise-steps 2 with --sigma-min 0.32 --sigma-max 0.64, a constant 2e-5 ended at 85 / 93 / 83% on seeds 1 /
-    4 / 2 (384-553k env steps on a slow machine) against 95 / 86 / 87% at 1e-5"""
+    drove the approximate KL above 1 per update on the tiny policy; 5e-5 annealed, with the mean, ended at 94 / 89 /
+    90 / 88% (fifty-third session); the paper uses 5e-6 to 8e-6 on pi0's 300M expert. At --denoise-steps 2 with
+    --sigma-min 0.32 --sigma-max 0.64, a constant 2e-5 ended at 85 / 93 / 83% on seeds 1 / 4 / 2 (384-553k env steps
+    on a slow machine) against 95 / 86 / 87% at 1e-5"""
     noise_head_lr: float | None = None
     """learning rate of the noise head (default: --lr). At the actor's 1e-5 its std barely moves: in every K = 2 run
     it stayed within 6% of the geometric middle of its bounds, so the bounds set the noise. At --denoise-steps 2 (CPU

@@ -27,7 +27,8 @@ PPO's default and noise_k2_fresh30_seed3 / noise_k2_fresh30_seed4 two more seeds
 session), noise_sdeopt_fresh30 (and its _seed2 to _seed4) Flow-Noise PPO's K = 4 with Flow-SDE PPO's actor step there
 (forty-ninth session), noise_k2_sdeopt_fresh30 (and its _seed2 to _seed4) the same at K = 2 (fiftieth session),
 noise_mean_fresh30 (and its _seed2 to _seed4) the same at K = 4 with --logprob-reduction mean (fifty-first session),
-noise_k2_mean_fresh30 (and its _seed2 to _seed4) that at K = 2 (fifty-second session);
+noise_k2_mean_fresh30 (and its _seed2 to _seed4) that at K = 2 (fifty-second session), noise_mean_lr5e5_fresh30
+(and its _seed2 to _seed4) the K = 4 one with --lr 5e-5 (fifty-third session);
 the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per
 decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
 scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
@@ -249,6 +250,9 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     **four_seeds("noise_mean_fresh30", flow_noise_ppo, S2X | SDE_STEP | MEAN, "Flow-Noise PPO, log-likelihood / (K+1)"),
     # the fifty-second session's: the same at K = 2 (Flow-Noise PPO's default but --denoise-steps 2), over --minutes
     **four_seeds("noise_k2_mean_fresh30", flow_noise_ppo, S2X | K2 | SDE_STEP | MEAN, "Flow-Noise PPO, K = 2, mean"),
+    # the fifty-third session's: Flow-Noise PPO's default (K = 4, the mean) with the actor lr at 5e-5, over --minutes
+    **four_seeds("noise_mean_lr5e5_fresh30", flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(lr=5e-5),
+                 "Flow-Noise PPO, lr 5e-5"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
