@@ -73,35 +73,23 @@ class Args:
     --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation (the paper's 4; it trains at 3-5). The update recomputes all K
-    transitions, so 2 halves it: on CPU PickCube with fresh flags (30 minutes, a usual-speed machine) a 4-epoch
-    update took 2.44-2.48 s at 2 against 4.30-4.75 s at 4, and 2 ended at 97 / 92 / 97 / 90% in four seeds (778-819k
-    env steps) against 97 / 94 / 92 / 93% at 4 (696-727k), both with --logprob-reduction sum; with the default mean 2
-    ended at 97 / 91 / 97 / 96% (671-727k env steps) against 96 / 97 / 93 / 96% at 4 (573-604k); the SFT checkpoint
-    scores 44% at 2, 36% at 4 (docs/rl_sessions.md, forty-ninth to fifty-second sessions). It stays 4: level at the
-    end with the mean and ahead per env step, and a real pi0's SFT start at K = 2 is unmeasured (the paper's K = 1:
-    9% vs 56%)"""
+    transitions, so 2 halves it (2.4 s against 4.5 s per update here). On CPU PickCube (30 minutes, four seeds) 2
+    ended at 97 / 91 / 97 / 96%, 4 at 96 / 97 / 93 / 96% on about 14% fewer env steps; it stays the paper's 4
+    (docs/rl_sessions.md, fifty-first and fifty-second sessions)"""
     sigma_min: float = 0.16
-    """lower bound of the noise head's std (the paper's bounds: 0.08-0.16, the default before the twenty-second
-    session). Each bound is a step's std in normalised action units; at K = 4 the executed actions' spread grows about
-    in proportion (benchmarks/bench_exploration.py). On CPU PickCube (64 envs, 30 minutes, one run each) 0.16-0.32
-    ended at 86% after 492k env steps, 0.08-0.16 at 72% after 461k (see the README's Choices). At --denoise-steps 2,
-    0.32-0.64 ended at 95 / 86 / 87% (seeds 1 / 4 / 2, 435-486k env steps on a slower machine) against 95 / 75 / 95%
-    at 0.16-0.32 (512-640k), with about half the approximate KL and a clipped fraction of 22% against 35%"""
+    """lower bound of the noise head's std, per step in normalised action units (the paper's: 0.08-0.16). At K = 4
+    the executed actions' spread grows about in proportion (benchmarks/bench_exploration.py). On CPU PickCube
+    0.16-0.32 ended 30 minutes at 86%, 0.08-0.16 at 72% (one run each; see the README's Choices)"""
     sigma_max: float = 0.32
     """upper bound of the noise head's std"""
     entropy_coef: float = 0.005
     """weight of the entropy bonus of the step noises"""
     logprob_reduction: str = "mean"
-    """"mean" (the default since the fifty-first session): the chain log-likelihood divided by K+1, as the reference
-    code reports it; "sum": the exact log-likelihood. The ratio's log is the sum's divided by K+1, so the clip range
-    lets the sum's log-ratio go K+1 times as far and the KL stop (target_kl) about (K+1)^2 times: with "sum" the
-    trust region binds on the whole chain, whose KL only bounds the executed actions' KL from above (the chain adds
-    the K-1 intermediate latents), and at K = 4 it clipped 35% of the samples and ended two thirds of the updates
-    after 1-3 epochs, against Flow-SDE PPO's 15% with its one-step ratio. With "mean" 10% were clipped and every
-    update ran all 4 epochs. Fresh flags, 30 CPU minutes from the same SFT checkpoint, seeds 1-4: 96 / 97 / 93 / 96%
-    with "mean" (594k / 573k / 589k / 604k env steps, on a machine about 10% slower) against 97 / 94 / 92 / 93% with
-    "sum" (701k / 707k / 727k / 696k), and 96 / 97 / 93 / 96% against 93 / 91 / 93 / 87% at 573k env steps
-    (docs/rl_sessions.md, fifty-first session)"""
+    """"mean" (the default): the chain log-likelihood divided by K+1, as the reference code reports it; "sum": the
+    exact log-likelihood. The sum's log-ratio adds K x C x d Gaussian terms, so the clip and the KL stop, set for a
+    one-step ratio, bind on the whole chain, K-1 intermediate latents included: at K = 4 it clipped 35% of the
+    samples against 10% with "mean". On CPU PickCube (30 minutes, four seeds) "mean" ended at 96 / 97 / 93 / 96%,
+    "sum" at 97 / 94 / 92 / 93% (docs/rl_sessions.md, fifty-first session)"""
     ratio_level: str = "chunk"
     """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim), the
     paper's pi0 ManiSkill setting (58% after 30 CPU minutes against 71% for "chunk"; see README)"""
@@ -119,11 +107,8 @@ class Args:
     gae_lambda: float = 0.9747
     """GAE lambda per decision point: 0.95 per 8 env steps (0.9747 = sqrt 0.95 per 4-step decision)"""
     update_epochs: int = 4
-    """PPO epochs per iteration. 2 at lr 2e-5 halved the update but learned less per env step: 66% after 358k env
-    steps, 68-69% from 164k on, against 76-78% at 246k for the default's two seeds (docs/rl_sessions.md, twenty-fifth
-    session). 8 at K = 2 (where 4 epochs take about a fifth of an iteration) learned no faster per env step after
-    164k: 78-83% from 164k to 430k, 81% at the end, and 77% after 404k with --anneal-lr, against 75-90% at 410k for
-    nine seeds of 4 (docs/rl_sessions.md, thirty-fifth session)"""
+    """PPO epochs per iteration. On CPU PickCube 2 (at lr 2e-5) learned less per env step and 8 (at K = 2) no more
+    (docs/rl_sessions.md, twenty-fifth and thirty-fifth sessions)"""
     num_minibatches: int = 8
     """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 160
     decisions at 64 envs"""
@@ -151,21 +136,15 @@ class Args:
     vf_coef: float = 1.0
     """value loss weight"""
     lr: float = 3e-5
-    """actor learning rate at the start (the expert, projections); the VLM is frozen. Annealed to 0 (--anneal-lr) and
-    held back by --target-kl, the actor step of flow_sde_ppo.py: on CPU PickCube (30 minutes, fresh flags, a
-    usual-speed machine) it ended at 97 / 94 / 92 / 93% in four seeds with --logprob-reduction sum, where the
-    constant 1e-5 without a KL stop (the default before the forty-ninth session: --lr 1e-5 --no-anneal-lr --target-kl
-    None) ended at 92 / 91% in two (see the README), and at 96 / 97 / 93 / 96% with the default mean. A constant 1e-4
-    drove the approximate KL above 1 per update on the tiny policy; 5e-5 annealed, with the mean, ended at 94 / 89 /
-    90 / 88% (fifty-third session); the paper uses 5e-6 to 8e-6 on pi0's 300M expert. At --denoise-steps 2 with
-    --sigma-min 0.32 --sigma-max 0.64, a constant 2e-5 ended at 85 / 93 / 83% on seeds 1 / 4 / 2 (384-553k env steps
-    on a slow machine) against 95 / 86 / 87% at 1e-5"""
+    """actor learning rate at the start (the expert, projections; the VLM is frozen), annealed to 0 (--anneal-lr) and
+    held back by --target-kl, flow_sde_ppo.py's actor step. On CPU PickCube (30 minutes, four seeds) 3e-5 ended at 96
+    / 97 / 93 / 96%, 5e-5 at 94 / 89 / 90 / 88%; a constant 1e-5 (the default before the forty-ninth session, with
+    the sum) at 92 / 91% in two; a constant 1e-4 drove the approximate KL above 1 per update. The paper uses 5e-6 to
+    8e-6 on pi0's 300M expert"""
     noise_head_lr: float | None = None
-    """learning rate of the noise head (default: --lr). At the actor's 1e-5 its std barely moves: in every K = 2 run
-    it stayed within 6% of the geometric middle of its bounds, so the bounds set the noise. At --denoise-steps 2 (CPU
-    PickCube, 30 minutes, a slow machine: 384-389k env steps) 1e-4 ended at 84% (seed 1), 1e-3 at 84 / 86% (seeds 1 /
-    4), level per env step with 1e-5; at 1e-3 single entries reached the bounds, the mean std stayed in the middle
-    (README, Exploration). Warm-up and --anneal-lr scale it as they scale --lr"""
+    """learning rate of the noise head (default: --lr; warm-up and --anneal-lr scale it as they scale --lr). At lr
+    1e-5 its std barely moves (within 6% of its bounds' geometric middle), so the bounds set the noise; 1e-4 and 1e-3
+    learned no faster on CPU PickCube at K = 2 (84-86%; see the README's Exploration)"""
     value_lr: float = 1e-3
     """critic learning rate"""
     critic_warmup_iters: int = 5
@@ -177,14 +156,9 @@ class Args:
     """gradient-norm clip"""
     target_kl: float | None = 0.05
     """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"; None: never). It is
-    measured on the ratio as reduced (--logprob-reduction): with the default mean at K = 4 it stopped none of the
-    updates (approximate KL about 0.01). With lr 3e-5 at K = 4 and the sum it ended about two thirds of the updates
-    after 1-3 epochs, so 30 CPU minutes held 136-142 iterations against 125-126 with all 4 (see lr). From the
-    stale-flag 29% SFT start it ended 30 minutes at 93 / 81% in two seeds with the constant 1e-5 (which it stopped
-    only 9-28% of updates early), 92% with the annealed 3e-5, against 86% without either; at --denoise-steps 2 there,
-    85 / 73% (a slower machine), 86 / 89% with the annealed 3e-5, against 95 / 95% without it. With fresh flags at
-    --denoise-steps 2 the annealed 3e-5 with this stop ended at 97 / 92 / 97 / 90% in four seeds, the constant 1e-5
-    without it at 97 / 92 / 91 / 92% (fiftieth session)"""
+    measured on the ratio as reduced (--logprob-reduction): with the default mean at K = 4 the KL stays about 0.01
+    and it stops almost no update; with the sum it ended about two thirds of them after 1-3 epochs
+    (docs/rl_sessions.md, forty-ninth to fifty-first sessions)"""
     eval_every: int = 10
     """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
     eval_episodes: int = 100

@@ -28,7 +28,8 @@ session), noise_sdeopt_fresh30 (and its _seed2 to _seed4) Flow-Noise PPO's K = 4
 (forty-ninth session), noise_k2_sdeopt_fresh30 (and its _seed2 to _seed4) the same at K = 2 (fiftieth session),
 noise_mean_fresh30 (and its _seed2 to _seed4) the same at K = 4 with --logprob-reduction mean (fifty-first session),
 noise_k2_mean_fresh30 (and its _seed2 to _seed4) that at K = 2 (fifty-second session), noise_mean_lr5e5_fresh30
-(and its _seed2 to _seed4) the K = 4 one with --lr 5e-5 (fifty-third session);
+(and its _seed2 to _seed4) the K = 4 one with --lr 5e-5 (fifty-third session), noise_mean_fresh30_seed5 to _seed7
+three more seeds of the default (fifty-fourth session);
 the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per
 decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
 scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
@@ -253,6 +254,9 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     # the fifty-third session's: Flow-Noise PPO's default (K = 4, the mean) with the actor lr at 5e-5, over --minutes
     **four_seeds("noise_mean_lr5e5_fresh30", flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(lr=5e-5),
                  "Flow-Noise PPO, lr 5e-5"),
+    # the fifty-fourth session's: seeds 5 to 7 of the fifty-first session's (the default), over --minutes
+    **{f"noise_mean_fresh30_seed{s}": (flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(seed=s),
+                                       f"Flow-Noise PPO, log-likelihood / (K+1), seed {s}") for s in (5, 6, 7)},
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
