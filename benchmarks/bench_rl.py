@@ -78,10 +78,10 @@ SCHEDULE = {"seed", *IT110}  # changes that leave the method as it is: drawn wit
 SDE_K2 = K2 | dict(noise_level=0.45)
 
 
-def four_seeds(name: str, mod, changes: dict, label: str) -> dict:
-    """A setting's entry and its _seed2 to _seed4 (directories and labels of their own)."""
+def seeded(name: str, mod, changes: dict, label: str, seeds=(2, 3, 4)) -> dict:
+    """A setting's entry (seed 1) and its _seed<N> for each of seeds (directories and labels of their own)."""
     runs = {name: (mod, changes, label)}
-    runs.update({f"{name}_seed{s}": (mod, changes | dict(seed=s), f"{label}, seed {s}") for s in (2, 3, 4)})
+    runs.update({f"{name}_seed{s}": (mod, changes | dict(seed=s), f"{label}, seed {s}") for s in seeds})
     return runs
 
 
@@ -242,21 +242,20 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     "noise_k2_fresh30_seed4": (flow_noise_ppo, S2X | K2 | dict(seed=4), "Flow-Noise PPO, K = 2, 30 minutes, seed 4"),
     # the forty-ninth session's, on the same machine: Flow-Noise PPO's K = 4 with Flow-SDE PPO's actor step over
     # --minutes (noise_kl05_lr3e5's settings, directories of their own)
-    **four_seeds("noise_sdeopt_fresh30", flow_noise_ppo, S2X | SDE_STEP, "Flow-Noise PPO, lr 3e-5 annealed, KL stop"),
+    **seeded("noise_sdeopt_fresh30", flow_noise_ppo, S2X | SDE_STEP, "Flow-Noise PPO, lr 3e-5 annealed, KL stop"),
     # the fiftieth session's, on the same machine: Flow-Noise PPO at K = 2 with its default actor step (since the
     # forty-ninth session) over --minutes
-    **four_seeds("noise_k2_sdeopt_fresh30", flow_noise_ppo, S2X | K2 | SDE_STEP, "Flow-Noise PPO, K = 2"),
+    **seeded("noise_k2_sdeopt_fresh30", flow_noise_ppo, S2X | K2 | SDE_STEP, "Flow-Noise PPO, K = 2"),
     # the fifty-first session's: Flow-Noise PPO's default (K = 4, the forty-ninth session's actor step) with the
-    # chain log-likelihood divided by K+1 (--logprob-reduction mean, the default since), over --minutes
-    **four_seeds("noise_mean_fresh30", flow_noise_ppo, S2X | SDE_STEP | MEAN, "Flow-Noise PPO, log-likelihood / (K+1)"),
+    # chain log-likelihood divided by K+1 (--logprob-reduction mean, the default since), over --minutes; seeds 5 to 7
+    # the fifty-fourth session's
+    **seeded("noise_mean_fresh30", flow_noise_ppo, S2X | SDE_STEP | MEAN, "Flow-Noise PPO, log-likelihood / (K+1)",
+             seeds=(2, 3, 4, 5, 6, 7)),
     # the fifty-second session's: the same at K = 2 (Flow-Noise PPO's default but --denoise-steps 2), over --minutes
-    **four_seeds("noise_k2_mean_fresh30", flow_noise_ppo, S2X | K2 | SDE_STEP | MEAN, "Flow-Noise PPO, K = 2, mean"),
+    **seeded("noise_k2_mean_fresh30", flow_noise_ppo, S2X | K2 | SDE_STEP | MEAN, "Flow-Noise PPO, K = 2, mean"),
     # the fifty-third session's: Flow-Noise PPO's default (K = 4, the mean) with the actor lr at 5e-5, over --minutes
-    **four_seeds("noise_mean_lr5e5_fresh30", flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(lr=5e-5),
-                 "Flow-Noise PPO, lr 5e-5"),
-    # the fifty-fourth session's: seeds 5 to 7 of the fifty-first session's (the default), over --minutes
-    **{f"noise_mean_fresh30_seed{s}": (flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(seed=s),
-                                       f"Flow-Noise PPO, log-likelihood / (K+1), seed {s}") for s in (5, 6, 7)},
+    **seeded("noise_mean_lr5e5_fresh30", flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(lr=5e-5),
+             "Flow-Noise PPO, lr 5e-5"),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
