@@ -1,5 +1,6 @@
 """RL benchmark on CPU: learning curves of the RL scripts from one SFT checkpoint (plotted on shared axes),
-rollout throughput against a zero-cost policy, and the Flow-Noise / Flow-SDE update-cost ratio.
+rollout throughput against a zero-cost policy (random actions, and zero actions), and the Flow-Noise / Flow-SDE
+update-cost ratio.
 
 Run: .venv/bin/python benchmarks/bench_rl.py [--algos sde noise grpo] [--minutes 30] [--eval-every 16] [--plot-only]
 [--plot-file docs/learning_curves.png]
@@ -29,7 +30,8 @@ session), noise_sdeopt_fresh30 (and its _seed2 to _seed4) Flow-Noise PPO's K = 4
 noise_mean_fresh30 (and its _seed2 to _seed4) the same at K = 4 with --logprob-reduction mean (fifty-first session),
 noise_k2_mean_fresh30 (and its _seed2 to _seed4) that at K = 2 (fifty-second session), noise_mean_lr5e5_fresh30
 (and its _seed2 to _seed4) the K = 4 one with --lr 5e-5 (fifty-third session), noise_mean_fresh30_seed5 to _seed7
-three more seeds of the default (fifty-fourth session);
+three more seeds of the default (fifty-fourth session), sde_fresh30_seed4 to _seed6 three more of Flow-SDE PPO's
+default (fifty-fifth session);
 the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per
 decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
 scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
@@ -227,11 +229,10 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     # of "sde", a directory of its own)
     "sde_k2_a045": (flow_sde_ppo, SDE_K2, "Flow-SDE PPO, K = 2, a = 0.45, 30 minutes"),
     "sde_k2_a045_seed2": (flow_sde_ppo, SDE_K2 | dict(seed=2), "Flow-SDE PPO, K = 2, a = 0.45, 30 minutes, seed 2"),
-    "sde_fresh30": (flow_sde_ppo, {}, "Flow-SDE PPO, 30 minutes"),
-    # the forty-seventh session's, on a machine at the usual speed from the same SFT checkpoint: two more seeds of
-    # sde_fresh30, and Flow-Noise PPO at K = 2 over --minutes (noise_k2's settings, directories of their own)
-    "sde_fresh30_seed2": (flow_sde_ppo, dict(seed=2), "Flow-SDE PPO, 30 minutes, seed 2"),
-    "sde_fresh30_seed3": (flow_sde_ppo, dict(seed=3), "Flow-SDE PPO, 30 minutes, seed 3"),
+    # seeds 2 and 3 the forty-seventh session's on the same machine, 4 to 6 the fifty-fifth session's
+    **seeded("sde_fresh30", flow_sde_ppo, {}, "Flow-SDE PPO, 30 minutes", seeds=(2, 3, 4, 5, 6)),
+    # the forty-seventh session's, on a machine at the usual speed from the same SFT checkpoint: Flow-Noise PPO at
+    # K = 2 over --minutes (noise_k2's settings, directories of their own)
     "noise_k2_fresh30": (flow_noise_ppo, S2X | K2, "Flow-Noise PPO, K = 2, 30 minutes"),
     "noise_k2_fresh30_seed2": (flow_noise_ppo, S2X | K2 | dict(seed=2), "Flow-Noise PPO, K = 2, 30 minutes, seed 2"),
     # the forty-eighth session's, on the same machine: Flow-Noise PPO's default (K = 4) over --minutes in two seeds,
@@ -267,17 +268,21 @@ for _name, (_mod, _changes, _label) in RUNS.items():
 OUT = Path("runs/bench_rl")
 
 
-def raw_env_sps(num_envs: int, steps: int = 200, env_workers: int | None = None) -> float:
-    """Env steps/s of the same training envs driven by a zero-cost policy (uniform random actions)."""
+def raw_env_sps(num_envs: int, steps: int = 200, env_workers: int | None = None, zero: bool = False) -> float:
+    """Env steps/s of the same training envs driven by a zero-cost policy: uniform random actions, or zero actions
+    (the arm held still), which step faster, so a stricter reference for the rollouts."""
     args = replace(flow_sde_ppo.Args(), obs_mode="state", control_mode="pd_ee_delta_pose", env_workers=env_workers)
     envs = flow_sde_ppo.make_envs(args, num_envs, ignore_terminations=False, device=torch.device("cpu"))
     envs.reset(seed=0)
-    actions = torch.rand(steps, num_envs, envs.action_dim) * 2 - 1
+    actions = torch.rand(steps, num_envs, envs.action_dim) * 2 - 1  # [steps, envs, action dim]
+    if zero:
+        actions.zero_()
     t0 = time.time()
     for a in actions:
         envs.step(a)
-    envs.close()
-    return num_envs * steps / (time.time() - t0)
+    sps = num_envs * steps / (time.time() - t0)
+    envs.close()  # outside the timing: the workers' teardown took 20 s here, more than half the 200 steps' time
+    return sps
 
 
 def read(algo):
@@ -290,8 +295,11 @@ def plot(algos, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
-    for ax in axes:  # 20 colours in light/dark pairs: a run listed right after its first seed shares its hue
-        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    # colour: the script (blues Flow-SDE PPO, oranges Flow-Noise PPO, greens GRPO), a darker shade for each of its
+    # runs in the order listed; solid: the script's default, dashed: a setting that changes it
+    maps = {flow_sde_ppo: plt.cm.Blues, flow_noise_ppo: plt.cm.Oranges, flow_grpo: plt.cm.Greens}
+    count = {mod: sum(RUNS[a][0] is mod for a in algos) for mod in maps}
+    seen = dict.fromkeys(maps, 0)
     for algo in algos:
         _, ev = read(algo)
         x_steps = [r["global_step"] / 1e3 for r in ev]
@@ -299,7 +307,10 @@ def plot(algos, out):
         y = [100 * r["eval/success_once"] for r in ev]
         mod, changes, label = RUNS[algo]
         method = {k for k, v in changes.items() if k not in SCHEDULE and getattr(mod.Args(), k) != v}
-        style = dict(marker="o", label=label, linestyle="--" if method else "-")  # solid: the script's default
+        shade = 0.7 if count[mod] == 1 else 0.45 + 0.5 * seen[mod] / (count[mod] - 1)  # 0.45 light to 0.95 dark
+        color = maps[mod](shade)
+        seen[mod] += 1
+        style = dict(marker="o", label=label, linestyle="--" if method else "-", color=color)
         axes[0].plot(x_steps, y, **style)
         axes[1].plot(x_min, y, **style)
     axes[0].set_xlabel("env steps (thousands)")
@@ -337,9 +348,11 @@ def main():
     n = flow_sde_ppo.Args().num_envs
     raw = raw_env_sps(n)  # the scripts' default: one env worker process per core
     one = raw_env_sps(n, env_workers=1)
-    print(f"\nraw env steps/s, {n} CPU envs, zero-cost policy: {raw:.0f} (all in one process: {one:.0f})")
+    still = raw_env_sps(n, zero=True)
+    print(f"\nraw env steps/s, {n} CPU envs, zero-cost policy: {raw:.0f} with random actions (all in one process: "
+          f"{one:.0f}), {still:.0f} with zero actions")
     print(f"{'algo':>12} {'eval before':>12} {'eval after':>11} {'best':>6} {'env steps':>10} {'train min':>10} "
-          f"{'rollout sps':>12} {'ratio':>6} {'update s':>9}")
+          f"{'rollout sps':>12} {'ratio':>6} {'vs zero':>8} {'update s':>9}")
     upd = {}
     for algo in cli.algos:
         tr, ev = read(algo)
@@ -347,7 +360,8 @@ def main():
         upd[algo] = float(np.median([r["update_time"] for r in tr]))
         print(f"{algo:>12} {ev[0]['eval/success_once']:>12.2f} {ev[-1]['eval/success_once']:>11.2f} "
               f"{max(r['eval/success_once'] for r in ev):>6.2f} {tr[-1]['global_step']:>10} "
-              f"{tr[-1]['train_time'] / 60:>10.1f} {sps:>12.0f} {sps / raw:>6.2f} {upd[algo]:>9.2f}")
+              f"{tr[-1]['train_time'] / 60:>10.1f} {sps:>12.0f} {sps / raw:>6.2f} {sps / still:>8.2f} "
+              f"{upd[algo]:>9.2f}")
     if "sde" in upd and "noise" in upd:
         print(f"update cost, Flow-Noise / Flow-SDE at equal batch: {upd['noise'] / upd['sde']:.2f}x")
     plot(cli.algos, cli.plot_file)
