@@ -357,7 +357,9 @@ def main():
     for algo in cli.algos:
         tr, ev = read(algo)
         sps = float(np.mean([r["rollout_sps"] for r in tr]))
-        upd[algo] = float(np.median([r["update_time"] for r in tr]))
+        # updates that ran every epoch: a KL stop's shorter ones would make the update look cheaper than at equal batch
+        full = max(r.get("epochs", 0) for r in tr)
+        upd[algo] = float(np.median([r["update_time"] for r in tr if r.get("epochs", 0) == full]))
         print(f"{algo:>12} {ev[0]['eval/success_once']:>12.2f} {ev[-1]['eval/success_once']:>11.2f} "
               f"{max(r['eval/success_once'] for r in ev):>6.2f} {tr[-1]['global_step']:>10} "
               f"{tr[-1]['train_time'] / 60:>10.1f} {sps:>12.0f} {sps / raw:>6.2f} {sps / still:>8.2f} "
