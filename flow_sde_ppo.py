@@ -50,15 +50,14 @@ class Args:
     """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success). With a dense
     reward, training episodes run to the time limit even after success: the dense reward peaks at success, and
     ending the episode there would make early success cost the rest of the episode's reward. On CPU PickCube sparse
-    (8 actions per decision, gamma 0.9) learned more slowly per env step than dense: 69% after 573k env steps against
-    74-87%; the paper's configuration (sparse, gamma 0.99, --value-clip 0.2 --critic-input expert) 78% after 768k
-    against 83-90% after 737k"""
+    learned more slowly per env step than dense, with the paper's discount too (docs/rl_runs.md, fourteenth and
+    fifteenth sessions)"""
     max_episode_steps: int = 80
     """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
     num_envs: int = 64
     """parallel training environments in all (the paper uses 320 on a GPU); under torchrun each rank runs
     num_envs / world size of them. On CPU PickCube 64 envs with 8 minibatches beat 16 with 4 after 30 minutes
-    (82% / 69% against 36% / 71%; see the README)"""
+    (docs/rl_runs.md)"""
     num_steps: int = 20
     """decision points (action chunks) per environment per iteration (20 x 4 actions = one 80-step episode)"""
     total_iterations: int = 200
@@ -67,21 +66,22 @@ class Args:
     """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
     action_chunk: int = 4
     """C: actions executed per decision point, the first C of the predicted chunk (the SFT checkpoint executes 8,
-    the paper 5). On CPU PickCube one run with 4 reached 82% after 410k env steps and 88% after 768k, where the
-    runs with 8 stood at 71-74% after 410k; a second seed stayed inside their spread (68% after 410k; see the
-    README). The runs with 8, at the same discount per env step (the default before the nineteenth session):
-    --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
+    the paper 5). On CPU PickCube two seeds with 4 stood at 82% / 68% after 410k env steps, the runs with 8 at
+    71-74% (docs/rl_runs.md). The runs with 8, at the same discount per env step (the default before the nineteenth
+    session): --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
     denoise_steps: int = 4
     """K: denoising steps, in rollouts and evaluation. At K = 2 the same exploration takes a smaller noise level
     (--noise-level 0.45 spreads the executed actions as 1.2 does at K = 4; benchmarks/bench_exploration.py). On CPU
-    PickCube K = 2 with a = 0.45 and the default end alike at equal env steps (see the README)"""
+    PickCube (30 minutes) K = 2 with a = 0.45 ended at 96 / 94% (two seeds), the default at 95 / 98 / 98 / 91 / 96 /
+    95% (six; the README's RL section), so it stays the paper's 4"""
     noise_level: float = 1.2
     """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise (the paper's default is 0.5, its ablation's best 0.8).
     With K = 4 a larger a also spreads the executed actions more: 2.5 / 4 times the ODE's own spread at a = 0.8 /
     1.2 on PickCube (benchmarks/bench_exploration.py). On CPU PickCube (64 envs, 30 minutes) Flow-SDE PPO ended at
     57% / 69% with a = 0.5 / 0.8 (envs in one process, one run each), and with the env workers at 90% with a = 0.8
     (one run), 93 / 94 / 96 / 97 / 89% with a = 1.2 (five seeds), 92% with a = 1.6 (one run); GRPO at 89% with
-    a = 0.8, 92 / 97% with a = 1.2 (see the README's Choices)"""
+    a = 0.8, 92 / 97% with a = 1.2 (runs before the fortieth session, with stale reset observations; see the
+    README's Choices). At the default since: the README's RL section"""
     ratio_level: str = "chunk"
     """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim)"""
     critic_input: str = "expert_state"
@@ -126,10 +126,10 @@ class Args:
     vf_coef: float = 1.0
     """value loss weight"""
     lr: float = 3e-5
-    """actor learning rate at the start (the expert, projections); the VLM is frozen. Constant, 1e-4 drove the
-    approximate KL above 1 per update on the tiny policy and 2e-5 to 0.14 (55% success after 30 CPU minutes against
-    69% at 1e-5). Annealed (--anneal-lr) and held back by --target-kl, a larger start pays (see target_kl). The
-    paper uses 5e-6 to 8e-6 on pi0's 300M expert"""
+    """actor learning rate at the start (the expert, projections; the VLM is frozen), annealed to 0 (--anneal-lr)
+    and held back by --target-kl. Constant, 1e-4 drove the approximate KL above 1 per update on the tiny policy and
+    2e-5 to 0.14; annealed and held back, a larger start pays (see target_kl). The paper uses 5e-6 to 8e-6 on pi0's
+    300M expert"""
     value_lr: float = 1e-3
     """critic learning rate"""
     critic_warmup_iters: int = 5
@@ -141,12 +141,11 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     target_kl: float | None = 0.05
-    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"; None: never). On CPU
-    PickCube from the 29% SFT start, lr 3e-5 with 0.05 ended 30 minutes at 90 / 83 / 83 / 93% in four runs (means of
-    minutes 15-30 84 / 79 / 76 / 86%), lr 2e-5 without it at 85 / 86 / 79% (77 / 79 / 71%) in three. It caps the
-    policy's change per iteration, so with 5 times the envs it may allow 5 times less per env step: at 320 envs
-    (40 minibatches) 0.25 reached 68% after 230k env steps where 0.05 reached 49% (one short GPU run each); at 64
-    envs 0.1 showed no gain (50% after 246k env steps from a 32% start, one run)"""
+    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"; None: never); at
+    the defaults it ends a quarter to a third of the updates early. On CPU PickCube from the 29% SFT start, lr 3e-5
+    with 0.05 ended 30 minutes at 90 / 83 / 83 / 93% in four runs, lr 2e-5 without it at 85 / 86 / 79% in three.
+    It caps the policy's change per iteration, so with 5 times the envs it may allow 5 times less per env step: at
+    320 envs (40 minibatches) 0.25 reached 68% after 230k env steps where 0.05 reached 49% (one short GPU run each)"""
     eval_every: int = 10
     """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
     eval_episodes: int = 100

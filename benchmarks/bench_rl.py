@@ -31,7 +31,7 @@ noise_mean_fresh30 (and its _seed2 to _seed4) the same at K = 4 with --logprob-r
 noise_k2_mean_fresh30 (and its _seed2 to _seed4) that at K = 2 (fifty-second session), noise_mean_lr5e5_fresh30
 (and its _seed2 to _seed4) the K = 4 one with --lr 5e-5 (fifty-third session), noise_mean_fresh30_seed5 to _seed7
 three more seeds of the default (fifty-fourth session), sde_fresh30_seed4 to _seed6 three more of Flow-SDE PPO's
-default (fifty-fifth session);
+default (fifty-fifth session), grpo_fresh30 (and its _seed2 and _seed3) GRPO's default over --minutes (fifty-sixth);
 the other entries of RUNS rerun earlier tables' settings (at a = 0.8 and std 0.08-0.16), all with 8 actions per
 decision (the default before the nineteenth session; *_c8 are those defaults): 16 envs and 4 minibatches (the PPO
 scripts' default before the sixth session, GRPO's before the fifth), all envs in one process (--env-workers 1), the
@@ -257,6 +257,9 @@ RUNS = {  # name: (script, changes to its defaults, plot label)
     # the fifty-third session's: Flow-Noise PPO's default (K = 4, the mean) with the actor lr at 5e-5, over --minutes
     **seeded("noise_mean_lr5e5_fresh30", flow_noise_ppo, S2X | SDE_STEP | MEAN | dict(lr=5e-5),
              "Flow-Noise PPO, lr 5e-5"),
+    # the fifty-sixth session's: GRPO's default over --minutes (its only earlier runs at a = 1.2, grpo_a12 and
+    # grpo_a12_seed2, had stale reset observations and the 29% SFT checkpoint)
+    **seeded("grpo_fresh30", flow_grpo, {}, "GRPO, 30 minutes", seeds=(2, 3)),
     "sde16_a05_1proc": (flow_sde_ppo, A08 | C8 | SIXTEEN | ONE_PROC | SDE_CONST | dict(noise_level=0.5),
                         "Flow-SDE PPO, a = 0.5 (the paper's), 16 envs in one process"),
 }
