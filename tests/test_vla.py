@@ -337,3 +337,26 @@ def test_bad_inputs(tmp_path):
         policy.encode_prefix(torch.zeros(1, 3), ["go"])
     with pytest.raises(ValueError, match="at most 3"):
         policy.encode_prefix(torch.zeros(1, 10), ["go"], torch.zeros(1, 4, 28, 28, 3, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "config.json", "meta.json", "norm_stats.json"])
+def test_damaged_checkpoint_names_the_file(tmp_path, damage):
+    vla.save_checkpoint(tmp_path / "ck", tiny(), vla.Normalizer.from_data(np.zeros((4, 10)), np.zeros((4, 7))))
+    weights = tmp_path / "ck" / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+        bad = weights
+    elif damage == "random bytes":
+        weights.write_bytes(np.random.default_rng(0).bytes(5000))
+        bad = weights
+    else:
+        bad = tmp_path / "ck" / damage
+        bad.write_text('{"preset": "tiny",')
+    with pytest.raises(vla.CheckpointError, match=str(bad)):
+        vla.load_checkpoint(tmp_path / "ck")
+
+
+def test_checkpoint_files_share_one_mode(tmp_path):
+    vla.save_checkpoint(tmp_path / "ck", tiny(), vla.Normalizer.from_data(np.zeros((4, 10)), np.zeros((4, 7))))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ck").iterdir()}
+    assert len(set(modes.values())) == 1, modes

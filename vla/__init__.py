@@ -2,9 +2,6 @@
 
 The RL algorithms live in the top-level scripts; this package only knows the model."""
 
-from .checkpoint import load_checkpoint, load_pretrained, openpi_to_ours, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_pretrained, openpi_to_ours, save_checkpoint
 from .model import PRESETS, Prefix, VLAConfig, VLAPolicy, build
 from .normalize import Normalizer
-
-__all__ = ["PRESETS", "Prefix", "VLAConfig", "VLAPolicy", "build", "Normalizer", "save_checkpoint",
-           "load_checkpoint", "load_pretrained", "openpi_to_ours"]

@@ -1,7 +1,4 @@
-"""Checkpoints: our own (safetensors + JSON, written atomically) and openpi / LeRobot pi0 directories.
-
-Nothing here unpickles: weights are safetensors, everything else JSON.
-"""
+"""Checkpoints: ours (safetensors + JSON, written atomically; nothing unpickled) and openpi / LeRobot pi0 dirs."""
 
 from __future__ import annotations
 
@@ -32,19 +29,21 @@ _PREFIXES = {
 _TIED_LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"  # tied to the VLM's token embeddings
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: the message names the file and what to do."""
+
+
 def _need_dir(path: Path, what: str) -> Path:
-    if not path.is_dir():
-        old = Path(f"{path}.old")
-        if old.is_dir():  # a crash between the two renames of save_checkpoint left the last good one here
-            return old
+    old = Path(f"{path}.old")  # a crash between save_checkpoint's two renames leaves the last good one here
+    if not path.is_dir() and not old.is_dir():
         raise FileNotFoundError(f"{what} directory {path} does not exist")
-    return path
+    return path if path.is_dir() else old
 
 
 def _need_file(path: Path, hint: str = "") -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing{hint}")
-    return path
+    if path.is_file():
+        return path
+    raise FileNotFoundError(f"{path} is missing{hint}")
 
 
 def load_state_checked(model: VLAPolicy, tensors: dict[str, torch.Tensor], source: str):
@@ -54,7 +53,7 @@ def load_state_checked(model: VLAPolicy, tensors: dict[str, torch.Tensor], sourc
         if k not in own:
             raise KeyError(f"{source}: unexpected key {k!r} (not in a {model.config.preset} model)")
         if v.shape != own[k].shape:
-            raise ValueError(f"{source}: shape of {k!r} is {tuple(v.shape)}, the config expects "
+            raise CheckpointError(f"{source}: shape of {k!r} is {tuple(v.shape)}, the config expects "
                              f"{tuple(own[k].shape)}: the checkpoint does not match this preset/config")
     missing = [k for k in own if k not in tensors]
     if missing:
@@ -76,8 +75,9 @@ def save_checkpoint(path: str | Path, policy: VLAPolicy, normalizer: Normalizer 
     tmp, old = Path(f"{path}.tmp"), Path(f"{path}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     (tmp / CONFIG).write_text(json.dumps(dataclasses.asdict(policy.config), indent=2))
+    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    os.chmod(tmp / WEIGHTS, (tmp / CONFIG).stat().st_mode)  # safetensors writes 0600; the rest follows the umask
     (tmp / META).write_text(json.dumps(meta or {}, indent=2))
     if normalizer is not None:
         normalizer.save(tmp / NORM)
@@ -91,9 +91,22 @@ def save_checkpoint(path: str | Path, policy: VLAPolicy, normalizer: Normalizer 
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     out = {}
     for f in files:
-        with safe_open(f, framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
+        try:
+            with safe_open(f, framework="pt") as st:
+                out.update({k: st.get_tensor(k) for k in st.keys()})
+        except Exception as e:  # safetensors' own messages ("incomplete metadata", ...) name no file
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+                                  "copy it again or use another checkpoint") from None
     return out
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, or an error that names it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged; copy it again or use "
+                              "another checkpoint") from None
 
 
 def _to_be_loaded(make, vlm_dtype: torch.dtype | None) -> VLAPolicy:
@@ -111,13 +124,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     """Our checkpoint -> (policy, normalizer or None, extra tensors, meta). vlm_dtype (e.g. torch.bfloat16): the
     VLM's dtype, set before its weights are read in."""
     path = _need_dir(Path(path), "checkpoint")
-    cfg = json.loads(_need_file(path / CONFIG, " (not a checkpoint written by save_checkpoint?)").read_text())
+    cfg = read_json(_need_file(path / CONFIG, " (not a checkpoint written by save_checkpoint?)"))
     policy = _to_be_loaded(lambda: VLAPolicy(VLAConfig(**cfg)), vlm_dtype)
     tensors = _read_safetensors([_need_file(path / WEIGHTS)])
     own = set(policy.state_dict())
     load_state_checked(policy, {k: v for k, v in tensors.items() if k in own}, str(path / WEIGHTS))
-    norm = Normalizer.load(path / NORM, policy.config.norm_mode) if (path / NORM).exists() else None
-    meta = json.loads((path / META).read_text()) if (path / META).exists() else {}
+    norm = Normalizer(read_json(path / NORM), policy.config.norm_mode, str(path / NORM)) if (path / NORM).exists() \
+        else None
+    meta = read_json(path / META) if (path / META).exists() else {}
     extra = {k: v.to(map_location) for k, v in tensors.items() if k not in own}
     return policy.to(map_location), norm, extra, meta
 
@@ -148,12 +162,11 @@ def load_pretrained(path: str | Path, preset: str = "pi0", action_dim: int = 7, 
         raise FileNotFoundError(f"no *.safetensors file in {path}")
     policy = _to_be_loaded(lambda: build(preset, action_dim, state_dim, **overrides), vlm_dtype)
     load_state_checked(policy, openpi_to_ours(_read_safetensors(files)), str(path))
-    stats = sorted(path.glob("norm_stats.json")) + sorted(path.glob("*/norm_stats.json")) + \
-        sorted(path.glob("assets/*/norm_stats.json"))
+    stats = [s for where in ("", "*/", "assets/*/") for s in sorted(path.glob(where + "norm_stats.json"))]
     if asset_id is not None:
         stats = [s for s in stats if s.parent.name == asset_id]
         if not stats:
             raise FileNotFoundError(f"no norm_stats.json for asset_id {asset_id!r} under {path}")
     if len(stats) > 1:
         raise ValueError(f"several norm stats under {path}: {[str(s) for s in stats]}; pass asset_id=")
-    return policy, (Normalizer.load(stats[0], policy.config.norm_mode) if stats else None)
+    return policy, (Normalizer(read_json(stats[0]), policy.config.norm_mode, str(stats[0])) if stats else None)

@@ -61,10 +61,9 @@ class VLAConfig:
             raise ValueError(f"unknown preset fields {sorted(unknown)}; valid: {sorted(PRESETS[self.preset])}")
         s = {**PRESETS[self.preset], **self.overrides}
         if self.action_dim > s["max_action_dim"] or self.state_dim > s["max_state_dim"]:
-            raise ValueError(
-                f"action_dim {self.action_dim} / state_dim {self.state_dim} exceed the preset's max_action_dim "
-                f"{s['max_action_dim']} / max_state_dim {s['max_state_dim']}: raise them with overrides"
-            )
+            raise ValueError(f"action_dim {self.action_dim} / state_dim {self.state_dim} exceed the preset's "
+                             f"max_action_dim {s['max_action_dim']} / max_state_dim {s['max_state_dim']}: raise them "
+                             "with overrides")
         return s
 
 
@@ -120,7 +119,8 @@ class AdaGemmaModel(GemmaModel):
         super().__init__(config)
         self.layers = nn.ModuleList(AdaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = AdaNorm(config.hidden_size, config.hidden_size, config.rms_norm_eps)
-        for norm in [self.norm] + [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        for norm in [self.norm] + norms:
             # Zero weights as in pi0.5; bias gives scale=shift=0, gate=1 so a fresh expert is a plain Gemma.
             nn.init.zeros_(norm.dense.weight)
             nn.init.zeros_(norm.dense.bias)
@@ -224,14 +224,13 @@ class VLAPolicy(nn.Module):
         self.spec = spec = config.spec()
         self.pi05 = spec["variant"] == "pi05"
         self.pi0 = PI0ForConditionalGeneration(pi0_config(spec))
-        self.pi0.model.dit.embed_tokens = None  # the expert only takes embeddings: drop its 257k-row table
         if self.pi05:
-            hf = self.pi0.config
-            self.pi0.embed_action_time = PI05TimeEmbedding(hf)
-            self.pi0.model.dit = AdaGemmaModel(hf.dit_config)
-            self.pi0.model.dit.embed_tokens = None
-        tok = spec["tokenizer"]
-        self.tokenizer = ByteTokenizer() if tok == "bytes" else AutoTokenizer.from_pretrained(tok, local_files_only=True)
+            self.pi0.embed_action_time = PI05TimeEmbedding(self.pi0.config)
+            self.pi0.model.dit = AdaGemmaModel(self.pi0.config.dit_config)
+        self.pi0.model.dit.embed_tokens = None  # the expert only takes embeddings: drop its 257k-row table
+        tok = spec["tokenizer"]  # "bytes", or a local tokenizer directory (never downloaded)
+        self.tokenizer = ByteTokenizer() if tok == "bytes" else AutoTokenizer.from_pretrained(tok,
+                                                                                                local_files_only=True)
         self._token_cache: dict[str, list[int]] = {}
         self.vlm_frozen = False
 
@@ -269,10 +268,7 @@ class VLAPolicy(nn.Module):
             bins = np.digitize(states.detach().float().cpu().numpy(), np.linspace(-1, 1, 257)[:-1]) - 1
         for i, p in enumerate(prompts):
             text = p.strip().replace("_", " ").replace("\n", " ").lower()
-            if self.pi05:
-                text = f"Task: {text}, State: {' '.join(map(str, bins[i]))};\nAction: "
-            else:
-                text = text + "\n"
+            text = f"Task: {text}, State: {' '.join(map(str, bins[i]))};\nAction: " if self.pi05 else text + "\n"
             if text not in self._token_cache:  # prompts repeat every step of a rollout
                 self._token_cache[text] = self.tokenizer.encode(text)[:L]
             t = self._token_cache[text]
@@ -289,8 +285,7 @@ class VLAPolicy(nn.Module):
             raise ValueError(f"state has {state.shape[1]} dims, the policy was built for {self.config.state_dim}")
         expert_dtype = self.pi0.action_out_proj.weight.dtype
         state = F.pad(state.to(expert_dtype), (0, self.spec["max_state_dim"] - state.shape[1]))  # [B, max_state_dim]
-        ids, mask = self.tokenize(prompts, state[:, : self.config.state_dim] if self.pi05 else None)
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = (x.to(dev) for x in self.tokenize(prompts, state[:, :self.config.state_dim] if self.pi05 else None))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.vlm_frozen):
             lm = self.vlm.language_model
             embeds = lm.embed_tokens(ids)  # [B, L, D]
@@ -312,8 +307,8 @@ class VLAPolicy(nn.Module):
             # Prefix is bidirectional over valid tokens; padded queries see themselves so no row is all -inf.
             see = mask[:, None, :] | torch.eye(P, dtype=torch.bool, device=dev)  # [B, P, P]
             cache = DynamicCache(config=lm.config)
-            out = lm(inputs_embeds=embeds, attention_mask=additive(see[:, None], embeds.dtype), position_ids=mask.long().cumsum(-1) - 1,
-                     cache=cache, use_cache=True).last_hidden_state  # [B, P, D]
+            out = lm(inputs_embeds=embeds, attention_mask=additive(see[:, None], embeds.dtype),  # out: [B, P, D]
+                     position_ids=mask.long().cumsum(-1) - 1, cache=cache, use_cache=True).last_hidden_state
             m = mask[..., None].to(out.dtype)
             features = (out * m).sum(1) / m.sum(1).clamp(min=1)  # [B, D]
         return Prefix(cache, mask, features, None if self.pi05 else state, P)
@@ -352,7 +347,5 @@ class VLAPolicy(nn.Module):
 def build(preset: str = "tiny", action_dim: int = 7, state_dim: int = 8, norm_mode: str | None = None,
           **overrides) -> VLAPolicy:
     """Random-init policy of a preset; `overrides` change preset fields (e.g. chunk_size=10)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    mode = norm_mode or ("quantile" if PRESETS[preset]["variant"] == "pi05" else "zscore")
+    mode = norm_mode or ("quantile" if PRESETS.get(preset, {}).get("variant") == "pi05" else "zscore")
     return VLAPolicy(VLAConfig(preset, action_dim, state_dim, mode, overrides))

@@ -38,21 +38,12 @@ class Normalizer:
                     "q01": np.quantile(x, 0.01, axis=0).tolist(), "q99": np.quantile(x, 0.99, axis=0).tolist()}
         return cls({"state": one(state), "actions": one(actions)}, mode)
 
-    @classmethod
-    def load(cls, path: str | Path, mode: str = "zscore") -> "Normalizer":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"norm stats file {path} does not exist")
-        return cls(json.loads(path.read_text()), mode, source=str(path))
-
     def to_json(self) -> dict:
         return {"norm_stats": {k: {f: v.tolist() for f, v in s.items()} for k, s in self.stats.items()}}
 
     def save(self, path: str | Path):
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f)
-        os.replace(tmp, path)
+        Path(f"{path}.tmp").write_text(json.dumps(self.to_json()))
+        os.replace(f"{path}.tmp", path)
 
     def _params(self, key: str, x: torch.Tensor):
         s = self.stats[key]
