@@ -87,8 +87,8 @@ def main(argv=None):
             f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved" if gpu else
             f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB CPU (max RSS)")
     print(f"\n{cli.preset} preset, PickCube rgb ({cli.sim_backend} simulator), {cli.num_envs} envs x "
-          f"{cli.num_steps} decisions x {cli.action_chunk} actions, micro-batch {cli.micro_batch_size}, grad checkpointing "
-          f"{not cli.no_grad_checkpointing}, on {device}")
+          f"{cli.num_steps} decisions x {cli.action_chunk} actions, micro-batch {cli.micro_batch_size}, "
+          f"grad checkpointing {not cli.no_grad_checkpointing}, on {device}")
     print(f"peak memory    {peak}")
     print(f"rollout        {row['rollout_sps']:.0f} env steps/s ({row['rollout_time']:.1f} s)")
     print(f"update         {row['update_time']:.1f} s (4 epochs x {cli.num_minibatches} minibatches)")
