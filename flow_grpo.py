@@ -1,11 +1,7 @@
 """GRPO with Flow-SDE sampling: critic-free online RL fine-tuning of a flow-matching VLA policy (pi_RL).
 
-Groups of G environments start from the same initial state; each member's episode runs to termination or the
-time limit, and its undiscounted return R is compared within the group: A = (R - mean_group) / (std_group + 1e-6),
-broadcast to every decision of the episode. The policy step is PPO's clipped surrogate on the Flow-SDE log-prob:
-one random denoising step k* per sample is the SDE step with the ODE's marginals,
-    mean = x - D [v + s_t^2 / (2t) (x + (1 - t) v)],  std = s_t sqrt(D),  s_t = a sqrt(t / (1 - t)),  D = 1/K,
-and only that step is recomputed in the update. No value function.
+Groups of G envs start from one initial state; each member's undiscounted return, normalised within its group, is the
+advantage of its episode's decisions in PPO's clipped surrogate on one random denoising step's Flow-SDE log-prob.
 
     python flow_grpo.py                                        # PickCube, state obs, tiny policy, CPU
     python flow_grpo.py --env-id PickCube --num-envs 320       # on a GPU (physx_cuda)
@@ -18,283 +14,295 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
 import vla
 
-
 @dataclass
 class Args:
-    env_id: str = "PickCube"
-    """ManiSkill task (short alias or full id) or a LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10)"""
-    task_ids: tuple[int, ...] = (0,)
-    """LIBERO: the suite's task indices"""
-    checkpoint: str | None = None
-    """SFT checkpoint to start from (default: runs/sft/<env id>/checkpoint, written by sft_baseline.py)"""
-    obs_mode: str | None = None
-    """"state" or "rgb" (default: the SFT checkpoint's)"""
-    control_mode: str | None = None
-    """ManiSkill controller (default: the SFT checkpoint's)"""
+    env_id: str = "PickCube"  # ManiSkill task (alias or full id) or LIBERO suite: libero_{spatial,object,goal,10}
+    task_ids: tuple[int, ...] = (0,)  # LIBERO: the suite's task indices
+    checkpoint: str | None = None  # SFT checkpoint (default: runs/sft/<env id>/checkpoint, written by sft_baseline.py)
+    obs_mode: str | None = None  # "state" or "rgb" (default: the SFT checkpoint's)
+    control_mode: str | None = None  # ManiSkill controller (default: the SFT checkpoint's)
+    # normalized_dense, dense or sparse (LIBERO: 1 on success); a dense reward's episodes run to the time limit
     reward_mode: str = "normalized_dense"
-    """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success). With a dense
-    reward, training episodes run to the time limit even after success: the dense reward peaks at success, and
-    ending the episode there would make early success cost the rest of the episode's reward"""
-    max_episode_steps: int = 80
-    """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
-    num_envs: int = 64
-    """parallel training environments in all: num_envs / group_size groups per iteration; under torchrun each
-    rank runs num_envs / world size of them (whole groups). On CPU PickCube 64 envs with 8 minibatches beat 16 with
-    4 in both pairs of 30-minute runs (89% / 82% against 73% / 77%; see the README)"""
-    group_size: int = 8
-    """G: environments per group, all starting from the same initial state"""
-    filter_groups: bool = False
-    """drop groups whose mean success lies outside [0.1, 0.9] (nothing to compare)"""
-    total_iterations: int = 200
-    """iterations (rollout + update)"""
-    time_budget_min: float | None = None
-    """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
-    action_chunk: int = 4
-    """C: actions executed per decision point, the first C of the predicted chunk (the SFT checkpoint executes 8,
-    the paper 5). On CPU PickCube two runs with 4 stood at 86% and 92% after 655k env steps, above the three runs
-    with 8 (78-83% there; the default before the nineteenth session) at most evaluations (see the README)"""
-    denoise_steps: int = 4
-    """K: denoising steps, in rollouts and evaluation"""
-    noise_level: float = 1.2
-    """a in s_t = a sqrt(t / (1 - t)): the SDE step's noise (the paper's default is 0.5, its ablation's best 0.8).
-    With K = 4 a larger a also spreads the executed actions more: 2.5 / 4 times the ODE's own spread at a = 0.8 /
-    1.2 on PickCube (benchmarks/bench_exploration.py). On CPU PickCube (64 envs, 30 minutes) Flow-SDE PPO ended at
-    57% / 69% with a = 0.5 / 0.8 (envs in one process, one run each), and with the env workers at 90% with a = 0.8
-    (one run), 93 / 94 / 96 / 97 / 89% with a = 1.2 (five seeds), 92% with a = 1.6 (one run); GRPO at 89% with
-    a = 0.8, 92 / 97% with a = 1.2 (from the 29% SFT start; see the README's Choices). From the 36% one GRPO's
-    default ended at 98 / 97 / 95% (three seeds; the README's RL section)"""
-    ratio_level: str = "chunk"
-    """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim)"""
-    update_epochs: int = 2
-    """policy epochs per iteration (2-4)"""
-    num_minibatches: int = 8
-    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 160
-    decisions at 64 envs"""
-    micro_batch_size: int | None = None
-    """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
-    for time, e.g. 32 for pi0 at 320 envs on one 80 GB GPU (default: the whole minibatch at once)"""
-    prefix_store_gb: float = 1.0
-    """keep each rollout decision's frozen-VLM prefix (keys/values) for the update when one iteration's fit in this
-    many GB, so the update runs no VLM pass; otherwise (e.g. pi0 with images at 320 envs) the update recomputes each
-    minibatch's. The same numbers either way: the VLM is frozen. 0 always recomputes"""
-    grad_checkpointing: bool = False
-    """recompute the expert's layer activations in the backward pass instead of storing them (memory for time)"""
-    vlm_dtype: str = "auto"
-    """dtype of the frozen VLM: "bfloat16" halves its weights and prefix cache, the expert and the log-probs stay
-    float32; "auto": bfloat16 on a GPU, float32 on CPU (where bfloat16 matmuls are slow)"""
-    clip_coef: float = 0.2
-    """PPO ratio clip"""
-    kl_coef: float = 0.0
-    """weight of a KL penalty to the starting (SFT) policy on the SDE step; 0 disables it and keeps no copy"""
-    lr: float = 1e-5
-    """actor learning rate (the expert, projections); the VLM is frozen. 1e-4 drove the approximate KL above 1 per
-    update on the tiny policy; the paper uses 5e-6 to 8e-6 on pi0's 300M expert"""
-    anneal_lr: bool = False
-    """decay the actor's learning rate linearly to 0 by the end of the run: over total_iterations, or over
-    time_budget_min of training time when that ends the run first. On CPU PickCube (64 envs, 30 minutes) 2e-5
-    annealed ended at 77%, a constant 1e-5 at 89% / 83% over two seeds"""
-    max_grad_norm: float = 1.0
-    """gradient-norm clip"""
-    target_kl: float | None = None
-    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs")"""
-    eval_every: int = 10
-    """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
-    eval_episodes: int = 100
-    """evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation"""
-    num_eval_envs: int = 10
-    """parallel evaluation environments (per rank)"""
-    sim_backend: str = "auto"
-    """ManiSkill simulator: "physx_cuda" (all envs in one GPU simulation), "physx_cpu" (CPU envs in env_workers
-    processes; the policy still runs on the GPU if there is one), "auto": physx_cuda when CUDA is available"""
-    env_workers: int | None = None
-    """CPU simulator only: processes that step the envs (default: one per core, divided among torchrun ranks; 1 keeps
-    them in this process)"""
-    update_threads: int | None = None
-    """torch's CPU threads during the update (default: the cores per torchrun rank). The env workers wait while it
-    runs, so their cores are free; the rollout keeps this process's setting (OMP_NUM_THREADS or torch's default)"""
-    eval_seed: int = 10_000
-    """first seed of the evaluation episodes"""
-    save_every: int = 10
-    """write the checkpoint every N iterations"""
-    capture_video: bool = False
-    """save a video of the first evaluation environment at each evaluation"""
-    seed: int = 1
-    """random seed"""
-    output_dir: str | None = None
-    """run directory (default runs/flow_grpo/<env id>_<seed>)"""
-    resume: bool = False
-    """continue from <output_dir>/checkpoint"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project: str = "pi_rl"
-    """W&B project"""
+    max_episode_steps: int = 80  # ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)
+    num_envs: int = 64  # total training envs, split among torchrun ranks in whole groups; on CPU PickCube 64 beat 16
+    group_size: int = 8  # G: environments per group, all starting from the same initial state
+    filter_groups: bool = False  # drop groups whose mean success lies outside [0.1, 0.9] (nothing to compare)
+    total_iterations: int = 200  # iterations (rollout + update)
+    time_budget_min: float | None = None  # stop after this many training minutes (not eval), even with iterations left
+    action_chunk: int = 4  # C: actions executed per decision (the chunk's first C; paper: 5); 4 beat 8 on CPU PickCube
+    denoise_steps: int = 4  # K: denoising steps, in rollouts and evaluation
+    noise_level: float = 1.2  # SDE noise a: s_t = a sqrt(t/(1-t)) (paper: 0.5); 1.2 explored best on PickCube at K = 4
+    ratio_level: str = "chunk"  # "chunk": one ratio per decision (its C x A log-probs summed); "token": one per entry
+    update_epochs: int = 2  # policy epochs per iteration (2-4)
+    num_minibatches: int = 8  # minibatches per epoch (each rank splits its own batch; the ranks' gradients averaged)
+    micro_batch_size: int | None = None  # accumulate gradients in micro-batches this big (memory for time); None: off
+    prefix_store_gb: float = 1.0  # reuse rollout VLM prefixes in the update if they fit in this many GB; 0: recompute
+    grad_checkpointing: bool = False  # recompute the expert's activations in backward, not store them (memory for time)
+    vlm_dtype: str = "auto"  # frozen VLM's dtype: bfloat16 halves its memory (expert: float32); auto: bfloat16 on a GPU
+    clip_coef: float = 0.2  # PPO ratio clip
+    kl_coef: float = 0.0  # weight of a KL penalty to the SFT policy on the SDE step; 0 disables it and keeps no copy
+    lr: float = 1e-5  # lr of the expert and projections (VLM frozen); 1e-4 pushed KL above 1 per update; paper: 5e-6
+    anneal_lr: bool = False  # decay the lr linearly to 0 by the run's end (iterations or budget); constant did better
+    max_grad_norm: float = 1.0  # gradient-norm clip
+    target_kl: float | None = None  # stop an iteration's epochs once the approximate KL exceeds this (logged: "epochs")
+    eval_every: int = 10  # evaluate every N iterations and before the first and after the last (0: only those two)
+    eval_episodes: int = 100  # evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation
+    num_eval_envs: int = 10  # parallel evaluation environments (per rank)
+    sim_backend: str = "auto"  # auto: physx_cuda (one GPU simulation) with CUDA, else physx_cpu (envs in env_workers)
+    env_workers: int | None = None  # processes stepping the CPU envs (default: cores per torchrun rank; 1: in-process)
+    update_threads: int | None = None  # torch threads in the update, as env workers idle (default: the cores per rank)
+    eval_seed: int = 10_000  # first seed of the evaluation episodes
+    save_every: int = 10  # write the checkpoint every N iterations
+    capture_video: bool = False  # save a video of the first evaluation environment at each evaluation
+    seed: int = 1  # random seed
+    output_dir: str | None = None  # run directory (default runs/flow_grpo/<env id>_<seed>)
+    resume: bool = False  # continue from <output_dir>/checkpoint
+    track: bool = False  # log to Weights & Biases
+    wandb_project: str = "pi_rl"  # W&B project
 
 
 # ================================================================================================ environments
-# ManiSkill tasks whose assets ship with ManiSkill (they run offline) and their instructions for the prompt.
+class UsageError(ValueError):
+    """A mistake in the options or input files: shown as one `error:` line with exit status 2, no traceback."""
+
+
+# ManiSkill tasks whose assets ship with ManiSkill (they run offline), with their prompts; LIBERO suites' step limits.
 MANISKILL_TASKS = {
-    "PickCube": "pick up the cube and move it to the goal position",
-    "PushCube": "push the cube to the goal region",
-    "PullCube": "pull the cube to the goal region",
-    "StackCube": "stack the red cube on the green cube",
-    "PlaceSphere": "place the sphere into the bin",
-    "LiftPegUpright": "lift the peg upright",
-    "PegInsertionSide": "insert the peg into the hole",
-    "PokeCube": "use the peg to push the cube to the goal",
-    "RollBall": "roll the ball to the goal region",
-    "PlugCharger": "plug the charger into the receptacle",
-    "StackPyramid": "stack the cubes into a pyramid",
-}
+    "PickCube": "pick up the cube and move it to the goal position", "PushCube": "push the cube to the goal region",
+    "PullCube": "pull the cube to the goal region", "StackCube": "stack the red cube on the green cube",
+    "PlaceSphere": "place the sphere into the bin", "LiftPegUpright": "lift the peg upright",
+    "PegInsertionSide": "insert the peg into the hole", "PokeCube": "use the peg to push the cube to the goal",
+    "RollBall": "roll the ball to the goal region", "PlugCharger": "plug the charger into the receptacle",
+    "StackPyramid": "stack the cubes into a pyramid"}
 LIBERO_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
 
 
 def resolve_env_id(env_id: str) -> tuple[str, str]:
-    """-> ("maniskill" | "libero", full id). Unknown ids fail at once, listing the valid ones."""
+    """-> ("maniskill" | "libero", full id)."""
     if env_id in LIBERO_MAX_STEPS:
         return "libero", env_id
-    short = env_id.removesuffix("-v1")
-    if short in MANISKILL_TASKS:
-        return "maniskill", f"{short}-v1"
-    raise ValueError(f"unknown --env-id {env_id!r}; valid: ManiSkill {sorted(MANISKILL_TASKS)} "
-                     f"(or with -v1) and LIBERO {sorted(LIBERO_MAX_STEPS)}")
+    if env_id.removesuffix("-v1") in MANISKILL_TASKS:
+        return "maniskill", env_id.removesuffix("-v1") + "-v1"
+    raise UsageError(f"unknown --env-id {env_id!r}; valid: ManiSkill {sorted(MANISKILL_TASKS)} (or with -v1) and "
+                     f"LIBERO {sorted(LIBERO_MAX_STEPS)}")
+
+
+def check_env_args(args, device: torch.device | None = None):
+    """The env options' user errors, found before anything is built (device None: this machine's default)."""
+    resolve_env_id(args.env_id)
+    if args.sim_backend not in ("auto", "physx_cuda", "physx_cpu"):
+        raise UsageError(f"--sim-backend {args.sim_backend!r}: choose auto, physx_cuda or physx_cpu")
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if args.sim_backend == "physx_cuda" and not cuda:
+        raise UsageError("--sim-backend physx_cuda needs a CUDA GPU; none is visible (use physx_cpu or auto)")
+    for name in ("num_eval_envs", "max_episode_steps", "env_workers"):  # getattr: not every script has each
+        if (value := getattr(args, name, None)) is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
 def to_torch_obs(obs, device) -> dict:
-    """ManiSkill observation (state vector, or rgb dict) -> {"state": [N, D] float, "images": [N, cams, H, W, 3] uint8}."""
+    """An env's obs (state array, ManiSkill's rgb dict or LiberoEnv's dict) -> {"state": [N, D] float, "images":
+    [N, cams, H, W, 3] uint8 or None}; an unbatched obs without N."""
     if not isinstance(obs, dict):
         return {"state": torch.as_tensor(obs, dtype=torch.float32, device=device), "images": None}
-    cams = [torch.as_tensor(c["rgb"], device=device) for c in obs["sensor_data"].values()]
-    state = torch.as_tensor(obs["agent"]["qpos"], dtype=torch.float32, device=device)
-    return {"state": state, "images": torch.stack(cams, 1)}
-
-
-def add_batch_dim(x):
-    return {k: add_batch_dim(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[None]
+    if "images" in obs:
+        state, images = obs["state"], torch.as_tensor(obs["images"], device=device)
+    else:
+        state = obs["agent"]["qpos"]
+        images = torch.stack([torch.as_tensor(c["rgb"], device=device) for c in obs["sensor_data"].values()], -4)
+    return {"state": torch.as_tensor(state, dtype=torch.float32, device=device), "images": images}
 
 
 class FreshGraspFlag(gym.Wrapper):
-    """A CPU scene reports its last physics step's contacts until its next step, so after a plain reset the
-    observation's is_grasped still reads 1 where the previous episode ended holding the object (on PickCube: at 90 of
-    the 90 plain resets of one evaluation of an RL policy, and in 199 of the 200 demonstrations' first observations).
-    Every episode starts with the gripper open and away from the object, so reset observations get the 0 that a
-    rebuilt scene reports; the physics is untouched. Tasks without is_grasped pass through."""
+    """Reset observations read is_grasped = 0 (every episode starts with the gripper open): a CPU scene reports its
+    last step's contacts until it steps again, so the same seed replayed differently after a held object."""
 
     def __init__(self, env):
         super().__init__(env)
         from mani_skill.utils.common import flatten_state_dict
-        self.col = None  # is_grasped's column in a flat "state" observation [1, D] (image modes pass qpos alone)
-        state = env.unwrapped.get_obs(unflattened=True) if env.unwrapped.obs_mode == "state" else {}  # what it joins
-        if "is_grasped" in state.get("extra", {}):
-            def mark(d):  # 1 at is_grasped, 0 elsewhere, in the observation's layout
-                return {k: mark(v) if isinstance(v, dict) else torch.full_like(v, k == "is_grasped", dtype=torch.float)
-                        for k, v in d.items()}
-            self.col = int(flatten_state_dict(mark(state), use_torch=True)[0].argmax())
+        self.col = None  # is_grasped's column in the flat state observation [1, D] (image modes pass qpos alone)
+        state = env.unwrapped.get_obs(unflattened=True) if env.unwrapped.obs_mode == "state" else {}
+        if "is_grasped" in state.get("extra", {}):  # the one column that changes when is_grasped flips
+            flat = flatten_state_dict(state, use_torch=True)
+            state["extra"]["is_grasped"] = state["extra"]["is_grasped"].logical_not()
+            self.col = int((flatten_state_dict(state, use_torch=True) != flat)[0].nonzero()[0, 0])
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        if self.col is not None:
+        if self.col is not None:  # the rows reset: all, or the env_idx of ManiSkillVectorEnv's auto-reset
             obs = obs.clone()
-            obs[:, self.col] = 0
+            obs[(kwargs.get("options") or {}).get("env_idx", slice(None)), self.col] = 0
         return obs, info
 
 
-def cpu_vector_env(env_id: str, num_envs: int, kw: dict, ignore_terminations: bool):
-    """A SyncVectorEnv of num_envs single CPU envs (physx_cpu), auto-resetting in the same step."""
+def maniskill_env(env_id: str, kw: dict, ignore_terminations: bool):
+    """One CPU ManiSkill env with numpy in and out. enhanced_determinism: auto-resets draw from the env's own seeded
+    RNG, so the episodes are the same in any process."""
     import mani_skill.envs  # noqa: F401  (registers the tasks)
-    from gymnasium.vector import AutoresetMode, SyncVectorEnv
     from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
-
-    def thunk():  # enhanced_determinism: an auto-reset draws the new episode from the env's own seeded RNG, not the
-        # process's global torch RNG, so the episodes are the same in this process and in worker processes
-        env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", enhanced_determinism=True, **kw)
-        return CPUGymWrapper(FreshGraspFlag(env), ignore_terminations=ignore_terminations, record_metrics=True)
-    return SyncVectorEnv([thunk] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+    env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", enhanced_determinism=True, **kw)
+    return CPUGymWrapper(FreshGraspFlag(env), ignore_terminations=ignore_terminations, record_metrics=True)
 
 
-def cpu_env_worker(pipe, env_id, num_envs, kw, ignore_terminations):
-    """Subprocess loop: owns a SyncVectorEnv and answers ("reset", (seeds, options)), ("step", actions), ("call", name).
-    All of it in inference mode, see ManiSkillEnvs.cpu_sim."""
-    torch.set_num_threads(1)
-    with torch.inference_mode():
-        env = cpu_vector_env(env_id, num_envs, kw, ignore_terminations)
+def quat_xyzw_to_axis_angle(q: np.ndarray) -> np.ndarray:
+    """Unit quaternion (x, y, z, w) -> axis * angle as robosuite computes it (LIBERO's ee_states); atan2 stays
+    accurate near zero rotation, where angle / |v| -> 2 / w."""
+    v, w = q[:3], float(np.clip(q[3], -1.0, 1.0))
+    n = float(np.linalg.norm(v))
+    if n < 1e-8:
+        return v * (2.0 / w) if abs(w) > 1e-8 else np.zeros(3)
+    return v * (2.0 * np.arctan2(n, w) / n)
+
+
+class LiberoEnv(gym.Env):
+    """One LIBERO task, stepped like a ManiSkill CPU env. reset(seed) starts at init state `seed`; each later reset
+    takes the init state num_envs further, then settles 10 no-op steps (openpi's protocol). Reward 1 on success,
+    which ends the episode unless ignore_terminations; else it runs to max_steps."""
+
+    def __init__(self, suite, task_id, num_envs, max_steps, ignore_terminations, image_size=128):
+        from libero.libero import benchmark, get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+        bench = benchmark.get_benchmark_dict()[suite]()
+        task, self.init_states = bench.get_task(task_id), bench.get_task_init_states(task_id)
+        bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+        # hard_reset=False: set_init_state overwrites the whole state, and a soft reset takes 0.3 s, not 6 s
+        self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=image_size, camera_widths=image_size,
+                                      hard_reset=False)
+        self.env.seed(7)
+        self.prompt, self.num_envs, self.max_steps = task.language, num_envs, max_steps
+        self.ignore, self.index, self.success = ignore_terminations, 0, False
+        self.name = f"LIBERO {suite} task {task_id} ({task.language!r})"
+        box = gym.spaces.Box
+        self.observation_space = gym.spaces.Dict({"state": box(-np.inf, np.inf, (8,), np.float32),
+                                                  "images": box(0, 255, (2, image_size, image_size, 3), np.uint8)})
+        self.action_space = box(-1.0, 1.0, (7,), np.float32)
+
+    def obs_of(self, raw: dict) -> dict:
+        """-> images [2, H, W, 3] uint8 (agentview, wrist; turned upright), state [8] (eef pos, axis-angle, gripper)."""
+        images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
+        state = np.concatenate([raw["robot0_eef_pos"], quat_xyzw_to_axis_angle(raw["robot0_eef_quat"]),
+                                raw["robot0_gripper_qpos"]])
+        return {"state": state.astype(np.float32), "images": images}
+
+    def reset(self, seed=None, options=None):
+        self.index = self.index if seed is None else seed
+        self.where = f"{self.name} at init state {self.index % len(self.init_states)}"  # what an error names
+        self.sim("reset")
+        raw = self.sim("set_init_state", self.init_states[self.index % len(self.init_states)])
+        for _ in range(10):  # let objects settle
+            raw, *_ = self.sim("step", [0.0] * 6 + [-1.0])
+        self.index += self.num_envs
+        self.episode = {"success_once": False, "success_at_end": False, "return": 0.0, "episode_len": 0}
+        return self.obs_of(raw), {"success": self.success}  # SAME_STEP auto-reset: this info replaces the step's
+
+    def step(self, action):
+        raw, r, done, _ = self.sim("step", action.tolist())
+        obs, self.success, ep = self.obs_of(raw), bool(done), self.episode  # LIBERO's done is its success check
+        ep["success_once"], ep["success_at_end"] = ep["success_once"] or self.success, self.success
+        ep["return"], ep["episode_len"], self.frame = ep["return"] + r, ep["episode_len"] + 1, obs["images"][0]
+        term = self.success and not self.ignore
+        trunc = ep["episode_len"] >= self.max_steps and not term
+        return obs, r, term, trunc, {"success": self.success, **({"episode": dict(ep)} if term or trunc else {})}
+
+    def sim(self, method: str, *args):  # self.env.<method>(*args), a failure named by the task and init state
         try:
-            for cmd, arg in iter(pipe.recv, None):
-                pipe.send(env.reset(seed=arg[0], options=arg[1]) if cmd == "reset" else env.step(arg) if cmd == "step"
-                          else env.call(arg))
-        except EOFError:  # the parent dropped its envs without close() (an error, or exit): nobody is left to answer
+            return getattr(self.env, method)(*args)
+        except Exception as e:
+            raise RuntimeError(f"{self.where}: LIBERO's {method} failed: {type(e).__name__}: {e}") from e
+
+    def render(self):
+        return self.frame  # the last step's agentview, before any reset
+
+    def close(self):
+        self.env.close()
+
+
+def cpu_env_worker(pipe, thunks):
+    """A worker process's SyncVectorEnv: runs each (method, kwargs) it receives and sends the result back."""
+    import warnings
+    warnings.filterwarnings("ignore", message="Failed to find system libvulkan")  # the main process shows it once
+    torch.set_num_threads(1)
+    with torch.inference_mode():  # see ManiSkillEnvs.cpu_sim
+        env = gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        try:
+            for method, kwargs in iter(pipe.recv, None):  # each answer comes with what the envs run (LiberoEnv.where)
+                pipe.send((getattr(env, method)(**kwargs), [getattr(e, "where", "") for e in env.envs]))
+        except EOFError:  # the parent left without close(): nobody is left to answer
             pass
         env.close()
 
 
 def concat_envs(parts: list, sizes: list[int]):
-    """Join the workers' outputs (arrays, or nested dicts of them) along the env axis. A worker's info lacks the keys
-    none of its envs set (final_obs when none finished); fill them as SyncVectorEnv does: zeros, False, None."""
+    """The workers' outputs (arrays or nested tuples / dicts of them) joined along the env axis; keys a worker lacks
+    (none of its envs set them, e.g. final_obs) filled as SyncVectorEnv fills them: None, zeros, False."""
     if isinstance(parts[0], tuple):
         return tuple(concat_envs(list(p), sizes) for p in zip(*parts))
     ref = next(p for p in parts if p is not None)
     if isinstance(ref, dict):
-        keys = list(dict.fromkeys(k for p in parts if p is not None for k in p))
+        keys = dict.fromkeys(k for p in parts if p is not None for k in p)
         return {k: concat_envs([(p or {}).get(k) for p in parts], sizes) for k in keys}
     ref = np.asarray(ref)
-    fill = lambda n: np.full(n, None, object) if ref.dtype == object else np.zeros((n, *ref.shape[1:]), ref.dtype)
-    return np.concatenate([fill(n) if p is None else np.asarray(p) for p, n in zip(parts, sizes)])
+    empty = [np.full(n, None, object) if ref.dtype == object else np.zeros((n, *ref.shape[1:]), ref.dtype)
+             for n in sizes]
+    return np.concatenate([e if p is None else np.asarray(p) for p, e in zip(parts, empty)])
 
 
 class ProcessVectorEnv:
-    """num_envs CPU envs split over `workers` subprocesses, each a SyncVectorEnv. ManiSkill's CPU step is mostly
-    Python (controller, reward, observation), so one process keeps one core busy and a second process on a second core
-    nearly doubles the env steps per second. Same interface and the same numbers as one SyncVectorEnv."""
+    """CPU envs (one thunk each) split over `workers` processes, each a SyncVectorEnv, with SyncVectorEnv's interface
+    and numbers. A ManiSkill CPU step is mostly Python: a process keeps one core busy; a second nearly doubles speed."""
 
-    def __init__(self, env_id, num_envs, kw, ignore_terminations, workers):
-        import multiprocessing as mp
-        ctx = mp.get_context("spawn")  # forked env processes hung here (gymnasium's AsyncVectorEnv, fork)
-        self.sizes = [len(a) for a in np.array_split(np.arange(num_envs), workers)]
-        self.bounds = np.cumsum([0] + self.sizes).tolist()
-        self.num_envs, self.pipes, self.procs = num_envs, [], []
-        for n in self.sizes:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=cpu_env_worker, args=(child, env_id, n, kw, ignore_terminations), daemon=True)
+    def __init__(self, thunks: list, workers: int):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")  # forked env processes hang
+        groups = [g.tolist() for g in np.array_split(np.array(thunks, dtype=object), workers)]
+        self.num_envs, self.sizes = len(thunks), [len(g) for g in groups]
+        self.replies = [(None, [""] * n) for n in self.sizes]  # per worker: its last answer, what its envs ran
+        self.pipes, ends = zip(*[ctx.Pipe() for _ in groups])  # this process's ends, the workers' ends
+        self.procs = [ctx.Process(target=cpu_env_worker, args=(end, g), daemon=True) for end, g in zip(ends, groups)]
+        for proc, end in zip(self.procs, ends):
             proc.start()
-            child.close()
-            self.pipes.append(parent), self.procs.append(proc)
+            end.close()
         self.single_action_space = self.call("action_space")[0]
 
-    def _ask(self, cmd, args) -> list:
-        """Send each worker its message -> their answers, in env order."""
-        for pipe, arg in zip(self.pipes, args):
-            pipe.send((cmd, arg))
+    def ask(self, method: str, kwargs: list[dict]) -> list:
+        """Worker w's SyncVectorEnv.method(**kwargs[w]) for every w -> their results, in env order."""
+        for pipe, kw in zip(self.pipes, kwargs):
+            pipe.send((method, kw))
         try:
-            return [pipe.recv() for pipe in self.pipes]
+            for k, pipe in enumerate(self.pipes):
+                self.replies[k] = pipe.recv()
         except EOFError:
-            raise RuntimeError("a CPU env worker process died (its traceback is above); --env-workers 1 runs the envs "
-                               "in this process") from None
-
-    def _split(self, x):
-        return [x[b:e] for b, e in zip(self.bounds[:-1], self.bounds[1:])]
+            raise RuntimeError(f"CPU env worker {k + 1} of {len(self.pipes)} died (its traceback is above) running "
+                               f"{'; '.join(w for w in self.replies[k][1] if w) or 'its envs'}; --env-workers 1 runs "
+                               "the envs in this process") from None
+        return [answer for answer, _ in self.replies]
 
     def reset(self, seed, options=None):  # an int seeds env i with seed + i, as SyncVectorEnv does
-        seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
-        return concat_envs(self._ask("reset", [(s, options) for s in self._split(seeds)]), self.sizes)
+        seeds = np.array_split(seed if isinstance(seed, list) else np.arange(self.num_envs) + seed, len(self.pipes))
+        return concat_envs(self.ask("reset", [dict(seed=list(map(int, s)), options=options) for s in seeds]),
+                           self.sizes)
 
     def step(self, actions):
-        return concat_envs(self._ask("step", self._split(actions)), self.sizes)
+        return concat_envs(self.ask("step", [dict(actions=a) for a in np.array_split(actions, len(self.pipes))]),
+                           self.sizes)
 
     def call(self, name):  # -> one result per env: a method's return value or an attribute
-        return tuple(r for part in self._ask("call", [name] * len(self.pipes)) for r in part)
+        return tuple(r for part in self.ask("call", [dict(name=name)] * len(self.pipes)) for r in part)
 
     def close(self):
         for pipe, proc in zip(self.pipes, self.procs):
@@ -303,88 +311,77 @@ class ProcessVectorEnv:
 
 
 class ManiSkillEnvs:
-    """N ManiSkill envs as one batch of torch tensors: the GPU simulator (physx_cuda) when `gpu_sim`,
-    otherwise SyncVectorEnvs of CPU envs in `workers` processes. Both auto-reset in the same step and return the
-    finished episode's last observation and metrics in `info`, so the rest of the script sees one interface."""
+    """N ManiSkill envs as one batch of torch tensors: one simulation on `batched` (physx_cuda; physx_cpu: one env),
+    else CPU envs in `workers` processes. Both auto-reset in the same step, returning the last obs and metrics."""
 
     def __init__(self, env_id, num_envs, obs_mode, control_mode, max_steps, ignore_terminations, device,
-                 reward_mode="normalized_dense", workers=1, gpu_sim=False):
-        import mani_skill.envs  # noqa: F401  (registers the tasks)
+                 reward_mode="normalized_dense", workers=1, batched=None):
         kw = dict(obs_mode=obs_mode, control_mode=control_mode, max_episode_steps=max_steps,
                   reward_mode=reward_mode, render_mode="rgb_array")
-        self.device, self.num_envs, self.gpu = device, num_envs, gpu_sim
-        if self.gpu:
-            import sapien
-            from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
-            try:  # SAPIEN downloads its PhysX GPU library from GitHub on first use: fails offline
+        if not torch.cuda.is_available():  # else each env warns that sapien_cuda falls back to the CPU renderer
+            kw["render_backend"] = "cpu"
+        self.prompt, self.batched = MANISKILL_TASKS[env_id.removesuffix("-v1")], batched is not None
+        if batched is None:
+            self.start_cpu([partial(maniskill_env, env_id, kw, ignore_terminations)] * num_envs, workers, device)
+            return
+        import mani_skill.envs  # noqa: F401  (registers the tasks)
+        import sapien
+        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+        try:  # SAPIEN downloads its PhysX GPU library from GitHub on first use: fails offline
+            if batched == "physx_cuda":
                 sapien.physx.enable_gpu()
-            except Exception as e:
-                raise RuntimeError(
-                    f"ManiSkill's GPU simulator could not start ({type(e).__name__}: {e}). SAPIEN fetches "
-                    f"libPhysXGpu_64.so into ~/.sapien/physx/{sapien.physx.version()}/ on first use; offline, copy it "
-                    "there from a machine that has it, or pass --sim-backend physx_cpu (CPU envs in worker "
-                    "processes, the policy stays on the GPU)") from e
-            if device.index is not None:  # this rank's GPU under torchrun
-                kw.update(sim_backend=f"physx_cuda:{device.index}", render_backend=f"sapien_cuda:{device.index}")
-            env = gym.make(env_id, num_envs=num_envs, **{"sim_backend": "physx_cuda", **kw})
-            self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=True, ignore_terminations=ignore_terminations,
-                                          record_metrics=True)
-        elif min(workers, num_envs) > 1:
-            self.env = ProcessVectorEnv(env_id, num_envs, kw, ignore_terminations, min(workers, num_envs))
-        else:
-            with self.cpu_sim():
-                self.env = cpu_vector_env(env_id, num_envs, kw, ignore_terminations)
+        except Exception as e:
+            raise RuntimeError(f"ManiSkill's GPU simulator could not start ({type(e).__name__}: {e}); offline, put "
+                               "libPhysXGpu_64.so in ~/.sapien/physx/<version>/ or pass --sim-backend physx_cpu") from e
+        if batched == "physx_cuda" and device.index is not None:  # this rank's GPU under torchrun
+            kw.update(sim_backend=f"physx_cuda:{device.index}", render_backend=f"sapien_cuda:{device.index}")
+        env = FreshGraspFlag(gym.make(env_id, num_envs=num_envs, **{"sim_backend": batched, **kw}))
+        self.env = ManiSkillVectorEnv(env, ignore_terminations=ignore_terminations, record_metrics=True)  # auto-resets
+        self.device, self.num_envs, self.action_dim = device, num_envs, self.env.single_action_space.shape[0]
+
+    def start_cpu(self, thunks: list, workers: int, device):
+        self.device, self.num_envs, workers = device, len(thunks), min(workers, len(thunks))
+        with self.cpu_sim():
+            self.env = ProcessVectorEnv(thunks, workers) if workers > 1 else \
+                gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
         self.action_dim = self.env.single_action_space.shape[0]
-        self.prompt = MANISKILL_TASKS[env_id.removesuffix("-v1")]
 
     def cpu_sim(self):
-        """ManiSkill's CPU step is mostly small torch ops: in inference mode, without autograd's bookkeeping, it steps
-        about 1.2x as fast with the same numbers. Only numpy leaves the CPU envs; the GPU simulator's tensors reach
-        the policy, so it runs outside."""
-        return torch.inference_mode(not self.gpu)
+        """CPU envs step in inference mode: about 1.2x as fast, the same numbers (only numpy leaves them)."""
+        return torch.inference_mode(not self.batched)
 
     def reset(self, seed: int | list[int], rebuild: bool = False):
-        """rebuild: rebuild the CPU scenes first, as in new envs (each evaluation does, for about 0.3 s an env). Plain
-        resets replay the same seeds exactly as well (tested): what made them differ until the thirty-ninth session
-        was the stale is_grasped that FreshGraspFlag clears. (The GPU scene is not rebuilt: slow for hundreds of
-        sub-scenes, and its partial resets' is_grasped is not measured here.)"""
-        options = {"reconfigure": True} if rebuild and not self.gpu else {}
+        """An int seeds env i with seed + i, a list each env. rebuild: new CPU scenes, as new envs have (0.3 s an env;
+        a batched simulation's hundreds of sub-scenes are kept)."""
         with self.cpu_sim():
-            obs, _ = self.env.reset(seed=seed, options=options)  # an int seeds env i with seed + i; a list: its own
+            obs, _ = self.env.reset(seed=seed, options={"reconfigure": True} if rebuild and not self.batched else {})
         return to_torch_obs(obs, self.device)
 
     def step(self, action: torch.Tensor):
-        """action [N, A] -> obs, reward [N], terminated [N], truncated [N], info with "success" [N],
-        "final_obs" (obs, with finished envs' rows replaced by their last observation) and "episode"
-        (metrics [N] of the episodes that just finished: success_once, success_at_end, return, episode_len)."""
+        """action [N, A] -> obs, reward [N], terminated [N], truncated [N], info: "success" [N], "final_obs" (obs with
+        ended envs' rows replaced by their episode's last obs), "episode" (metrics [N] of the episodes that ended:
+        success_once, success_at_end, return, episode_len; {} when none did)."""
         with self.cpu_sim():
-            obs, rew, term, trunc, info = self.env.step(action if self.gpu else action.cpu().numpy())
+            obs, rew, term, trunc, info = self.env.step(action if self.batched else action.cpu().numpy())
         t = lambda x, dt=torch.float32: torch.as_tensor(x, dtype=dt, device=self.device)
         obs, rew, term, trunc = to_torch_obs(obs, self.device), t(rew), t(term, torch.bool), t(trunc, torch.bool)
-        done = term | trunc
         out = {"success": t(info["success"], torch.bool), "final_obs": obs, "episode": {}}
-        if done.any():
-            fin = {k: None if v is None else v.clone() for k, v in obs.items()}
-            if self.gpu:
-                last = to_torch_obs(info["final_observation"], self.device)
+        if (term | trunc).any():  # a batched env returns the last obs as one batch, CPU envs each ended env's apart
+            fin = out["final_obs"] = {k: None if v is None else v.clone() for k, v in obs.items()}
+            last = to_torch_obs(info["final_observation"], self.device) if self.batched else None
+            for i in (term | trunc).nonzero()[:, 0].tolist():
+                row = {k: v if v is None else v[i] for k, v in last.items()} if self.batched else \
+                    to_torch_obs(info["final_obs"][i], self.device)
                 for k, v in fin.items():
                     if v is not None:
-                        v[done] = last[k][done]
-            else:  # the CPU vector env keeps each finished episode's last observation unbatched
-                for i in done.nonzero()[:, 0].tolist():
-                    last = to_torch_obs(add_batch_dim(info["final_obs"][i]), self.device)
-                    for k, v in fin.items():
-                        if v is not None:
-                            v[i] = last[k][0]
-            out["final_obs"] = fin
-            ep = info["final_info"]["episode"]
-            out["episode"] = {k: t(v) for k, v in ep.items() if not k.startswith("_")}
+                        v[i] = row[k]
+            out["episode"] = {k: t(v) for k, v in info["final_info"]["episode"].items() if not k.startswith("_")}
         return obs, rew, term, trunc, out
 
     def render(self):
         """First env's frame [H, W, 3] uint8 (for videos)."""
         with self.cpu_sim():
-            frame = self.env.render()[0] if self.gpu else self.env.call("render")[0]
+            frame = self.env.render()[0] if self.batched else self.env.call("render")[0]
         return np.asarray(frame.cpu() if torch.is_tensor(frame) else frame)
 
     def close(self):
@@ -392,130 +389,114 @@ class ManiSkillEnvs:
             self.env.close()
 
 
-def quat_xyzw_to_axis_angle(q: np.ndarray) -> np.ndarray:
-    """Unit quaternion (x, y, z, w) -> axis * angle, robosuite's convention (no sign flip of w), which the
-    LIBERO datasets' ee_states use. atan2 stays accurate near zero rotation, where angle/|v| -> 2/w."""
-    v, w = q[:3], float(np.clip(q[3], -1.0, 1.0))
-    n = float(np.linalg.norm(v))
-    if n < 1e-8:
-        return v * (2.0 / w) if abs(w) > 1e-8 else np.zeros(3)
-    return v * (2.0 * np.arctan2(n, w) / n)
+class LiberoEnvs(ManiSkillEnvs):
+    """N LIBERO envs of one suite (LiberoEnv), task_ids in contiguous blocks, in `workers` processes."""
 
-
-class LiberoEnvs:
-    """N LIBERO envs of one suite, stepped in this process, with the ManiSkillEnvs interface. Each env cycles
-    through its tasks' fixed init states; after reset it settles for 10 no-op steps (openpi's protocol).
-    Reward 1 on success; with ignore_terminations an episode runs to the suite's step limit (as ManiSkill eval)."""
-
-    def __init__(self, suite, task_ids, num_envs, max_steps, ignore_terminations, device, image_size=128):
-        from libero.libero import benchmark, get_libero_path
-        from libero.libero.envs import OffScreenRenderEnv
-        bench = benchmark.get_benchmark_dict()[suite]()
-        bad = [i for i in task_ids if not 0 <= i < bench.n_tasks]
-        if bad:
-            raise ValueError(f"--task-ids {bad} out of range: {suite} has tasks 0..{bench.n_tasks - 1}")
-        self.device, self.num_envs, self.max_steps, self.ignore_terminations = device, num_envs, max_steps, ignore_terminations
-        ids = [task_ids[i * len(task_ids) // num_envs] for i in range(num_envs)]  # contiguous blocks per task
-        self.tasks = [bench.get_task(i) for i in ids]
-        self.init_states = [bench.get_task_init_states(i) for i in ids]
-        self.envs = []
-        for task in self.tasks:
-            # hard_reset=False: set_init_state overwrites the whole simulator state anyway, and a soft reset
-            # takes 0.3 s instead of 6 s here.
-            env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
-                                                                 task.bddl_file),
-                                     camera_heights=image_size, camera_widths=image_size, hard_reset=False)
-            env.seed(7)
-            self.envs.append(env)
-        self.prompts = [t.language for t in self.tasks]
+    def __init__(self, suite, task_ids, num_envs, max_steps, ignore_terminations, device, workers=1):
+        from libero.libero import benchmark
+        n = benchmark.get_benchmark_dict()[suite]().n_tasks
+        if bad := [i for i in task_ids if not 0 <= i < n]:
+            raise UsageError(f"--task-ids {bad} out of range: {suite} has tasks 0..{n - 1}")
+        ids = [task_ids[i * len(task_ids) // num_envs] for i in range(num_envs)]
+        self.batched = False
+        self.start_cpu([partial(LiberoEnv, suite, i, num_envs, max_steps, ignore_terminations) for i in ids], workers,
+                       device)
+        self.prompts = list(self.env.call("prompt"))
         self.prompt = self.prompts[0]
-        self.action_dim = 7
-        self.episode_idx = np.zeros(num_envs, dtype=int)
-        self.steps = np.zeros(num_envs, dtype=int)
-        self.ret = np.zeros(num_envs)
-        self.succ_once = np.zeros(num_envs, dtype=bool)
-
-    @staticmethod
-    def obs_of(raw: dict) -> tuple[np.ndarray, np.ndarray]:
-        """-> images [2, H, W, 3] uint8 (agentview, wrist; rotated upright) and state [8] (eef pos, axis-angle, gripper)."""
-        images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
-        state = np.concatenate([raw["robot0_eef_pos"], quat_xyzw_to_axis_angle(raw["robot0_eef_quat"]),
-                                raw["robot0_gripper_qpos"]])
-        return images, state.astype(np.float32)
-
-    def _reset_one(self, i: int, seed: int | None):
-        if seed is not None:
-            self.episode_idx[i] = seed
-        env, states = self.envs[i], self.init_states[i]
-        env.reset()
-        raw = env.set_init_state(states[self.episode_idx[i] % len(states)])
-        for _ in range(10):  # let objects settle
-            raw, *_ = env.step([0.0] * 6 + [-1.0])
-        self.episode_idx[i] += self.num_envs
-        self.steps[i], self.ret[i], self.succ_once[i] = 0, 0.0, False
-        return self.obs_of(raw)
-
-    def _batch(self, items):
-        images, state = zip(*items)
-        return {"state": torch.as_tensor(np.stack(state), device=self.device),
-                "images": torch.as_tensor(np.stack(images), device=self.device)}
-
-    def reset(self, seed: int | list[int], rebuild: bool = False):  # rebuild: ManiSkill's; set_init_state sets the state
-        seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
-        return self._batch([self._reset_one(i, s) for i, s in enumerate(seeds)])  # seed = init-state index
-
-    def step(self, action: torch.Tensor):
-        items, final, rew, term, trunc, succ = [], [], [], [], [], []
-        episode = {k: np.zeros(self.num_envs) for k in ("success_once", "success_at_end", "return", "episode_len")}
-        for i, (env, a) in enumerate(zip(self.envs, action.cpu().numpy())):
-            raw, r, done, _ = env.step(a.tolist())
-            success = bool(done)  # LIBERO's done is check_success()
-            self.steps[i] += 1
-            self.ret[i] += r
-            self.succ_once[i] |= success
-            te = success and not self.ignore_terminations
-            tr = self.steps[i] >= self.max_steps and not te
-            items.append(self.obs_of(raw))
-            final.append(items[-1])
-            if te or tr:
-                episode["success_once"][i], episode["success_at_end"][i] = self.succ_once[i], success
-                episode["return"][i], episode["episode_len"][i] = self.ret[i], self.steps[i]
-                items[-1] = self._reset_one(i, None)
-            rew.append(r), term.append(te), trunc.append(tr), succ.append(success)
-        t = lambda x, dt=torch.float32: torch.as_tensor(np.asarray(x), dtype=dt, device=self.device)
-        term, trunc = t(term, torch.bool), t(trunc, torch.bool)
-        self.last_frame = final[0][0][0]  # env 0's agentview before any reset, for videos
-        info = {"success": t(succ, torch.bool), "final_obs": self._batch(final),
-                "episode": {k: t(v) for k, v in episode.items()} if (term | trunc).any() else {}}
-        return self._batch(items), t(rew), term, trunc, info
-
-    def render(self):
-        return self.last_frame
-
-    def close(self):
-        for env in self.envs:
-            env.close()
 
 
 def make_envs(args, num_envs: int, ignore_terminations: bool, device):
+    """The envs of args.env_id: LiberoEnvs, or ManiSkillEnvs on the simulator --sim-backend picks."""
+    check_env_args(args, device)
     kind, env_id = resolve_env_id(args.env_id)
-    if kind == "libero":
-        return LiberoEnvs(env_id, args.task_ids, num_envs, LIBERO_MAX_STEPS[env_id], ignore_terminations, device)
     world = dist.get_world_size() if dist.is_initialized() else 1  # torchrun ranks share the cores
     workers = args.env_workers or max(1, (os.cpu_count() or 1) // world)
-    if args.sim_backend not in ("auto", "physx_cuda", "physx_cpu"):
-        raise ValueError(f"--sim-backend {args.sim_backend!r}: choose auto, physx_cuda or physx_cpu")
-    if args.sim_backend == "physx_cuda" and device.type != "cuda":
-        raise ValueError("--sim-backend physx_cuda needs a CUDA GPU; none is visible (use physx_cpu or auto)")
+    if kind == "libero":
+        return LiberoEnvs(env_id, args.task_ids, num_envs, LIBERO_MAX_STEPS[env_id], ignore_terminations, device,
+                          workers)
     gpu_sim = args.sim_backend == "physx_cuda" or (args.sim_backend == "auto" and device.type == "cuda")
+    reward = getattr(args, "reward_mode", "normalized_dense")  # sft_baseline has no reward option
     return ManiSkillEnvs(env_id, num_envs, args.obs_mode, args.control_mode, args.max_episode_steps,
-                         ignore_terminations, device, args.reward_mode, workers, gpu_sim)
+                         ignore_terminations, device, reward, workers, "physx_cuda" if gpu_sim else None)
 
 
-# ================================================================================================ Flow-SDE
+# ================================================================================================ distributed
+# `torchrun --nproc-per-node N <script>` starts N copies of the script. Each rank owns one GPU (or a gloo CPU process),
+# num_envs / N envs and its own seeds; after every backward the ranks average their gradients, so their parameters
+# stay identical. Metrics are reduced over ranks; only rank 0 logs and saves.
+def init_distributed() -> tuple[int, int, torch.device]:
+    """-> rank, world size, device. A plain `python` run is rank 0 of 1."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """x summed over ranks (a new tensor on x's device)."""
+    if not distributed():
+        return x
+    y = x.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def broadcast_parameters(params: list[torch.Tensor]):
+    """Rank 0's values on every rank (random initialisations differ between ranks)."""
+    for p in params if distributed() else []:
+        buf = p.data.to("cpu") if dist.get_backend() == "gloo" else p.data
+        dist.broadcast(buf, 0)
+        p.data.copy_(buf)
+
+
+def average_gradients(params: list[torch.Tensor]):
+    """DDP's gradient averaging, written out: the policy runs through encode_prefix / velocity, not DDP's forward()."""
+    if not distributed():
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = all_reduce(flat) / dist.get_world_size()  # [trainable parameters]
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+EPISODE_KEYS = ("success_once", "success_at_end", "return", "episode_len")
+
+
+def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean of each episode metric over every rank's finished episodes (sums and counts all-reduced)."""
+    sums = all_reduce(torch.tensor([[torch.cat(episodes[k]).double().sum().item(), sum(map(len, episodes[k]))]
+                                    if episodes.get(k) else [0.0, 0.0] for k in EPISODE_KEYS], dtype=torch.float64))
+    return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
+
+
+def mean_over_ranks(row: dict[str, float]) -> dict[str, float]:
+    """Every value averaged over ranks (all ranks hold the same keys)."""
+    if not distributed():
+        return row
+    keys = sorted(row)
+    values = all_reduce(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)) / dist.get_world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+# ================================================================================================ Flow-SDE and GRPO
+# Hybrid sampling: K denoising steps from noise (t = 1) to action (t = 0), D = 1/K. One step k* ~ U{0..K-1} per
+# sample is the SDE step with the ODE's marginals, all others the ODE step x - D v:
+#     mean = x - D [v + s_t^2 / (2t) (x + (1 - t) v)],   std = s_t sqrt(D),   s_t = a sqrt(t / (1 - t))
+# The action's log-prob is that one transition's, log N(x_k*+1; mean, std^2), over the C executed actions' real dims.
+# Group advantage of an episode's return R among the G members that started from its initial state:
+#     A = (R - mean_group R) / (std_group R + 1e-6)
+# GRPO loss on the recomputed SDE step, ratio r = exp(logp - logp_old), optional KL to the SFT policy's step:
+#     L = mean max(-A r, -A clip(r, 1 - eps, 1 + eps)) + kl_coef |mean - mean_ref|^2 / (2 std^2)
 def sde_mean_std(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, K: int, a: float):
-    """The SDE transition t -> t - 1/K with the ODE's marginals. x, v [N, H, D], t [N] -> mean [N, H, D], std [N, 1, 1].
-    s_t = a sqrt(t / (1 - t)); at t = 1 the next grid point's 1 - t (= 1/K) keeps it finite: s_1 = a sqrt(K)."""
+    """x, v [N, H, D], t [N] -> mean [N, H, D], std [N, 1, 1]; s_1 takes 1 - t = 1/K, the next grid point's (finite)."""
     t = t[:, None, None]
     s = a * torch.sqrt(t / torch.where(t < 1, 1 - t, torch.full_like(t, 1.0 / K)))
     mean = x - (v + s**2 / (2 * t) * (x + (1 - t) * v)) / K  # x + (1 - t) v is the predicted noise
@@ -530,9 +511,7 @@ def gaussian_logp(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, C: int
 
 @torch.no_grad()
 def sample_chunk(policy, prefix, args, action_dim: int, generator=None):
-    """Hybrid ODE/SDE sampling from noise (t=1) to action (t=0) in K steps: step k* (uniform per sample) is the
-    SDE step, all others the ODE step x - v/K. -> chunk x_0 [N, H, D] (normalised), x_k* and x_k*+1 [N, H, D],
-    k* [N], log-prob of that transition [N, C, A]."""
+    """Hybrid ODE/SDE sampling -> x_0 (normalised), x_k*, x_k*+1 [N, H, D], k* [N], that step's log-prob [N, C, A]."""
     K, N = args.denoise_steps, prefix.mask.shape[0]
     H, D, dev = policy.spec["chunk_size"], policy.spec["max_action_dim"], prefix.mask.device
     x = torch.randn(N, H, D, device=dev, generator=generator)  # [N, H, D] at t=1
@@ -545,8 +524,7 @@ def sample_chunk(policy, prefix, args, action_dim: int, generator=None):
         v, _ = policy.velocity(prefix, x, t)
         sde = k_star == k
         mean, std = sde_mean_std(x, v, t, K, args.noise_level)
-        noisy = mean + std * xi
-        x_next = torch.where(sde[:, None, None], noisy, x - v / K)
+        x_next = torch.where(sde[:, None, None], mean + std * xi, x - v / K)
         x_before[sde], x_after[sde] = x[sde], x_next[sde]
         logp[sde] = gaussian_logp(x_next, mean, std, args.action_chunk, action_dim)[sde]
         x = x_next
@@ -554,23 +532,19 @@ def sample_chunk(policy, prefix, args, action_dim: int, generator=None):
 
 
 def group_advantages(returns: torch.Tensor, success: torch.Tensor, group_size: int, filter_groups: bool):
-    """returns, success [N] of N = groups x G episodes, members of a group adjacent -> advantage [N] and keep [N]:
-    A = (R - mean_group) / (std_group + 1e-6) (population std; a group of equal returns gets 0); with filtering,
-    groups whose mean success lies outside [0.1, 0.9] are dropped."""
+    """returns, success [N] (groups x G episodes, a group's members adjacent) -> advantage [N], keep [N]. Population
+    std: a group of equal returns gets 0. filter_groups drops groups whose mean success lies outside [0.1, 0.9]."""
     R = returns.view(-1, group_size)  # [groups, G]
     adv = (R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + 1e-6)
-    keep = torch.ones_like(R, dtype=torch.bool)
-    if filter_groups:
-        rate = success.float().view(-1, group_size).mean(1, keepdim=True)
-        keep = keep & (rate >= 0.1) & (rate <= 0.9)
+    rate = success.float().view(-1, group_size).mean(1, keepdim=True)  # [groups, 1]
+    keep = ((rate >= 0.1) & (rate <= 0.9) | (not filter_groups)).expand_as(R)
     return adv.flatten(), keep.flatten()
 
 
 def grpo_loss(policy, ref_policy, normalizer, args, action_dim, state, images, prompts, x_before, x_after, k_star,
               old_logp, adv, prefix=None):
     """Clipped surrogate on the recomputed SDE step for one minibatch of M decisions (prefix: the rollout's, else
-    encoded here), plus the optional KL to the reference policy's step (same std, so KL = |mean - mean_ref|^2 /
-    (2 std^2)). -> loss, stats."""
+    encoded here), plus the optional KL to the reference policy's step (same std). -> loss, stats."""
     if prefix is None:  # VLM frozen: no grad
         prefix = policy.encode_prefix(normalizer.normalize("state", state), prompts, images)
     t = 1.0 - k_star.float() / args.denoise_steps
@@ -606,16 +580,14 @@ def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, 
     N, H, D = state.shape[0], policy.spec["chunk_size"], policy.spec["max_action_dim"]
     x = torch.randn(N, H, D, device=state.device, generator=generator)  # [N, H, max_action_dim] at t=1
     for k in range(denoise_steps):
-        v, _ = policy.velocity(prefix, x, 1.0 - k / denoise_steps)
-        x = x - v / denoise_steps  # dt = -1/K
+        x = x - policy.velocity(prefix, x, 1.0 - k / denoise_steps)[0] / denoise_steps  # dt = -1/K
     return normalizer.unnormalize("actions", x[..., :action_dim])
 
 
 def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank=0, world=1) -> dict:
-    """Fixed-seed episodes run to the time limit (terminations ignored), executing the first C actions of each
-    chunk. Round r (envs.num_envs episodes: seeds eval_seed + r * num_envs + i, sampling noise seeded with r) runs
-    on rank r % world, so the episodes do not depend on the number of ranks.
-    -> mean success_once, success_at_end, return, episode_len over all ranks' episodes."""
+    """Fixed-seed episodes to the time limit, executing the first C actions of each ODE chunk. Round r (seeds
+    eval_seed + r * num_envs + i, noise seeded with r) runs on rank r % world: the episodes do not depend on the
+    number of ranks. -> mean success_once, success_at_end, return, episode_len over all ranks' episodes."""
     policy.eval()
     prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
     results, frames = {}, []
@@ -624,18 +596,17 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank
         # scenes rebuilt at each evaluation's start: one policy scores the same at every evaluation, as on new envs
         obs = envs.reset(seed=args.eval_seed + r * envs.num_envs, rebuild=r == rank)
         keep = min(envs.num_envs, num_episodes - r * envs.num_envs)  # the last round may be partly surplus
-        finished = False
-        while not finished:
+        info = {"episode": None}
+        while not info["episode"]:  # all envs reach the time limit together
             chunk = sample_actions(policy, normalizer, obs, prompts, args.denoise_steps, envs.action_dim, gen)
             for c in range(args.action_chunk):
                 obs, _, _, _, info = envs.step(chunk[:, c])
                 if video_path is not None and r == 0:
                     frames.append(envs.render())
-                if info["episode"]:  # all envs reach the time limit together
-                    for k, v in info["episode"].items():
-                        results.setdefault(k, []).append(v[:keep].float().cpu())
-                    finished = True
+                if info["episode"]:
                     break
+        for k, v in info["episode"].items():
+            results.setdefault(k, []).append(v[:keep].float().cpu())
     if frames:
         import imageio
         Path(video_path).parent.mkdir(parents=True, exist_ok=True)
@@ -643,269 +614,178 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank
     return episode_means(results)
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
-    """AdamW state as flat tensors (for safetensors) + its param groups (for JSON)."""
-    sd = opt.state_dict()
-    return {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}, sd["param_groups"]
-
-
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
-    state = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ================================================================================================ distributed
-# `torchrun --nproc-per-node N flow_grpo.py` starts N copies of this script. Each rank owns one GPU (or one CPU
-# process with the gloo backend), num_envs / N envs and its own seeds; after every backward the ranks average their
-# gradients, so their parameters stay identical. Metrics are reduced over ranks; only rank 0 logs and saves.
-def init_distributed() -> tuple[int, int, torch.device]:
-    """-> rank, world size, device. A plain `python` run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """x combined over ranks (a new tensor on x's device); x itself with one rank."""
-    if not distributed():
-        return x
-    y = x.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(y, op=op)
-    return y.to(x.device)
-
-
-def broadcast_parameters(params: list[torch.Tensor]):
-    """Rank 0's values on every rank (random initialisations differ between ranks)."""
-    if distributed():
-        for p in params:
-            buf = p.data.to("cpu") if dist.get_backend() == "gloo" else p.data
-            dist.broadcast(buf, 0)
-            p.data.copy_(buf)
-
-
-def average_gradients(params: list[torch.Tensor]):
-    """What DDP does after backward, written out because the policy is called through encode_prefix / velocity,
-    not through the forward() that DDP wraps: all gradients in one flat buffer, summed over ranks, / world size."""
-    if not distributed():
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    flat = all_reduce(flat) / dist.get_world_size()  # [trainable parameters]
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
-EPISODE_KEYS = ("success_once", "success_at_end", "return", "episode_len")
-
-
-def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Mean of each episode metric over every rank's finished episodes (sums and counts are all-reduced)."""
-    sums = torch.zeros(len(EPISODE_KEYS), 2, dtype=torch.float64)  # [metric, (sum, count)]
-    for i, k in enumerate(EPISODE_KEYS):
-        if episodes.get(k):
-            v = torch.cat(episodes[k]).double()
-            sums[i] = torch.stack([v.sum(), v.new_tensor(float(v.numel()))])
-    sums = all_reduce(sums)
-    return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
-
-
-def mean_over_ranks(row: dict[str, float]) -> dict[str, float]:
-    """Every value averaged over ranks (all ranks hold the same keys)."""
-    if not distributed():
-        return row
-    keys = sorted(row)
-    values = all_reduce(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)) / dist.get_world_size()
-    return dict(zip(keys, values.tolist()))
-
-
 # ================================================================================================ main
-def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
-    """The SFT checkpoint (or this run's own, to resume) -> policy (its VLM in vlm_dtype), normaliser, extra
-    tensors, meta, path."""
-    path = resume_dir if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
-    if not path.is_dir() and not Path(f"{path}.old").is_dir():
-        if args.resume:
-            raise FileNotFoundError(f"--resume: no checkpoint at {path} (is --output-dir the run's directory?)")
-        raise FileNotFoundError(f"no SFT checkpoint at {path}: run `python sft_baseline.py --env-id {args.env_id}` "
-                                "first, or pass --checkpoint")
-    policy, normalizer, extra, meta = vla.load_checkpoint(path, vlm_dtype=vlm_dtype)
-    if normalizer is None:
-        raise ValueError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
+def check_args(args: Args) -> tuple[dict, Path, Path]:
+    """Fail on a user error before any env or model loads; fill in obs/control mode. -> meta, run dir, checkpoint."""
+    check_env_args(args)
+    kind, env_id = resolve_env_id(args.env_id)
+
+    def need(ok: bool, name: str, problem: str):
+        if not ok:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: {problem}")
+    hint = {"num_envs": " (the paper uses 320 on a GPU, 64 on CPU)", "denoise_steps": " (the paper uses 4)",
+            "noise_level": " (the noise level a: 1.2)", "update_threads": " (omit it for the cores per rank)"}
+    for names, ok, problem in (  # None: a default computed at run time
+            ("num_envs total_iterations update_epochs num_minibatches denoise_steps action_chunk save_every "
+             "micro_batch_size update_threads", lambda v: v >= 1, "must be at least 1"),
+            ("noise_level clip_coef max_grad_norm time_budget_min", lambda v: v > 0, "must be positive"),
+            ("eval_every eval_episodes kl_coef prefix_store_gb lr", lambda v: v >= 0, "must not be negative")):
+        for k in names.split():
+            need(getattr(args, k) is None or ok(getattr(args, k)), k, problem + hint.get(k, ""))
+    for k, choices in (("ratio_level", ("chunk", "token")), ("vlm_dtype", ("auto", "bfloat16", "float32")),
+                       ("reward_mode", ("normalized_dense", "dense", "sparse"))):
+        need(getattr(args, k) in choices, k, f"choose {', '.join(choices)}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's ranks
+    N, G, ranks = args.num_envs // world, args.group_size, f" x {world} ranks" if world > 1 else ""
+    need(G >= 2 and args.num_envs % (G * world) == 0, "num_envs", f"must be a multiple of --group-size {G} (>= 2)"
+         f"{ranks}: every group needs G members starting from the same state, on one rank")
+    need(kind != "libero" or N % (G * len(args.task_ids)) == 0, "num_envs", f"must be a multiple of --group-size x "
+         f"the number of --task-ids ({G} x {len(args.task_ids)}){ranks}, so that every group shares one task")
+    T = math.ceil((LIBERO_MAX_STEPS[env_id] if kind == "libero" else args.max_episode_steps) / args.action_chunk)
+    need(args.num_minibatches <= N * T, "num_minibatches", f"more minibatches than the {N * T} decisions of an "
+         f"iteration at most ({N} envs{' per rank' if world > 1 else ''} x {T} per episode); use at most {N * T}")
+
+    run_dir = Path(args.output_dir or f"runs/flow_grpo/{env_id}_{args.seed}")
+    source = run_dir / "checkpoint" if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
+    path = source if source.is_dir() else Path(f"{source}.old")  # a save killed between its two renames left it here
+    if not path.is_dir():
+        raise UsageError(f"--resume: no checkpoint at {source} (is --output-dir the run's directory?)" if args.resume
+                         else f"no SFT checkpoint at {source}: run `python sft_baseline.py --env-id {args.env_id}` "
+                              "first, or pass --checkpoint")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} has no config.json: not a checkpoint written by sft_baseline.py or this script")
+    H = vla.VLAConfig(**vla.checkpoint.read_json(path / "config.json")).spec()["chunk_size"]
+    meta = vla.checkpoint.read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
+    need(args.action_chunk <= H, "action_chunk", f"exceeds the policy's chunk size {H} ({path}): use at most {H}")
+    if not args.resume and meta.get("env_id", env_id) != env_id:  # a resumed run's task: refused below
+        raise UsageError(f"--env-id {args.env_id}: the checkpoint {path} was trained for {meta['env_id']}; train one "
+                         f"with `python sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one")
     args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
     args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
-    if args.resume:
-        check_resumed_options(args, meta.get("args", {}))
-    return policy, normalizer, extra, meta, path
-
-
-# --resume may change how long the run goes on, how often it evaluates and saves, and how it executes; a change to
-# any other option is reported. A different task, episode or chain is another run: those options must stay.
-RESUME_FREE = {"total_iterations", "time_budget_min", "eval_every", "eval_episodes", "num_eval_envs", "save_every",
-               "capture_video", "track", "wandb_project", "env_workers", "sim_backend", "micro_batch_size",
-               "grad_checkpointing", "prefix_store_gb", "update_threads", "vlm_dtype", "checkpoint", "output_dir",
-               "resume"}
-RESUME_FIXED = ("env_id", "task_ids", "obs_mode", "control_mode", "reward_mode", "max_episode_steps",
-                "action_chunk", "denoise_steps")
-
-
-def check_resumed_options(args, saved: dict):
-    """Compare the options given to --resume with the run's own (the checkpoint's meta): refuse a changed task,
-    episode or chain, print the other changes."""
-    now = json.loads(json.dumps(asdict(args)))  # tuples become lists, as in the checkpoint's JSON
-    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in RESUME_FREE}
-    flag = lambda k: "--" + k.replace("_", "-")
-    fixed = [k for k in RESUME_FIXED if k in changed]
-    if fixed:
-        raise ValueError("--resume: " + "; ".join(f"the run has {flag(k)} {changed[k][0]}, not {changed[k][1]}"
-                                                  for k in fixed)
-                         + ": pass the run's values again (to change them, start a new run)")
-    if changed:
-        print("--resume with changed options: " + ", ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
+    if args.resume:  # the options given against the run's own: it may go on longer, evaluate, save and execute
+        # otherwise (free); a changed task, episode or chain is another run (refused); other changes are printed
+        free = set("total_iterations time_budget_min eval_every eval_episodes num_eval_envs save_every capture_video "
+                   "track wandb_project env_workers sim_backend micro_batch_size grad_checkpointing prefix_store_gb "
+                   "update_threads vlm_dtype checkpoint output_dir resume".split())
+        fixed = "env_id task_ids obs_mode control_mode reward_mode max_episode_steps action_chunk denoise_steps".split()
+        saved, now = meta.get("args", {}), json.loads(json.dumps(asdict(args)))  # tuples as lists, as in the JSON
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in free}
+        flag = {k: "--" + k.replace("_", "-") for k in changed}
+        refused = [f"the run has {flag[k]} {a}, not {b}" for k, (a, b) in changed.items() if k in fixed]
+        if refused:
+            raise UsageError(f"--resume: {'; '.join(refused)}: pass the run's values again, or start a new run")
+        if changed:
+            print("--resume with changed options:", ", ".join(f"{flag[k]} {a} -> {b}" for k, (a, b) in changed.items()))
+    return meta, run_dir, source
 
 
 def main(args: Args):
-    """Train; -> the last evaluation's metrics and the policy."""
+    """Train; -> the last evaluation's metrics and the policy (None for a run already finished)."""
+    meta, run_dir, source = check_args(args)
     kind, env_id = resolve_env_id(args.env_id)
-    if args.ratio_level not in ("chunk", "token"):
-        raise ValueError("--ratio-level must be chunk or token")
-    if args.vlm_dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"--vlm-dtype {args.vlm_dtype!r}: choose auto, bfloat16 or float32")
+    ckpt_dir, metrics_path = run_dir / "checkpoint", run_dir / "metrics.jsonl"
+    budget = 60 * args.time_budget_min if args.time_budget_min else math.inf  # seconds of training time
+    if args.resume and (meta["iteration"] >= args.total_iterations or meta["train_time"] >= budget):
+        print(f"{run_dir} already finished at iteration {meta['iteration']} of {args.total_iterations}: raise "
+              "--total-iterations (or --time-budget-min) to continue")
+        return None
     rank, world, device = init_distributed()
-    if args.update_threads is not None and args.update_threads < 1:
-        raise ValueError(f"--update-threads {args.update_threads} must be at least 1 (omit it for the cores per rank)")
-    update_threads = args.update_threads or max(1, (os.cpu_count() or 1) // world)
-    is_main = rank == 0
-    N = args.num_envs // world  # this rank's envs, whole groups
-    if args.group_size < 2 or args.num_envs % (args.group_size * world):
-        raise ValueError(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size} (>= 2)"
-                         + (f" x {world} ranks" if world > 1 else "") + ": every group needs G members starting from "
-                         "the same state, on one rank")
-    if kind == "libero" and N % (args.group_size * len(args.task_ids)):
-        raise ValueError(f"--num-envs {args.num_envs} must be a multiple of group_size x number of task ids "
-                         f"({args.group_size} x {len(args.task_ids)}) per rank so that every group shares one task")
-    if args.micro_batch_size is not None and args.micro_batch_size < 1:
-        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must be at least 1")
+    is_main, update_threads = rank == 0, args.update_threads or max(1, (os.cpu_count() or 1) // world)
+    N, C, G = args.num_envs // world, args.action_chunk, args.group_size  # N: this rank's envs, whole groups
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
-    run_dir = Path(args.output_dir or f"runs/flow_grpo/{env_id}_{args.seed}")
-    ckpt_dir = run_dir / "checkpoint"
 
-    # ---- policy (frozen VLM), optional frozen reference copy, optimiser
+    # ---- policy (frozen VLM), optional frozen copy of the starting policy, envs, optimiser
     bf16 = args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda")
     vlm_dtype = torch.bfloat16 if bf16 else None
-    policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir, vlm_dtype)
-    if args.action_chunk > policy.spec["chunk_size"]:
-        raise ValueError(f"--action-chunk {args.action_chunk} exceeds the policy's chunk size {policy.spec['chunk_size']}")
-    dense = kind == "maniskill" and args.reward_mode != "sparse"
-    envs = make_envs(args, N, ignore_terminations=dense, device=device)
+    policy, normalizer, extra, _ = vla.load_checkpoint(source, vlm_dtype=vlm_dtype)
+    if normalizer is None:
+        raise UsageError(f"{source} has no norm_stats.json: the policy's state/action normalisation is unknown")
+    envs = make_envs(args, N, ignore_terminations=kind == "maniskill" and args.reward_mode != "sparse", device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
-    A = envs.action_dim
-    if policy.config.action_dim != A:
-        raise ValueError(f"{source} outputs {policy.config.action_dim}-D actions but {env_id} with "
-                         f"{args.control_mode} takes {A}-D: use a checkpoint trained for this env and control mode")
+    obs = envs.reset(seed=args.seed)  # shows the env's dims; each rollout resets every group to its own seed
+    A, S = envs.action_dim, obs["state"].shape[1]
+    if (policy.config.action_dim, policy.config.state_dim) != (A, S):
+        raise UsageError(f"{source} reads {policy.config.state_dim}-D states and outputs {policy.config.action_dim}-D "
+                         f"actions, but {env_id} with {args.obs_mode} obs and {args.control_mode} gives {S}-D states "
+                         f"and takes {A}-D actions: train one with `python sft_baseline.py --env-id {args.env_id}`, "
+                         "or pass --checkpoint of one")
     policy.to(device).freeze_vlm(dtype=vlm_dtype).expert_checkpointing(args.grad_checkpointing)
     ref_policy = None
     if args.kl_coef > 0:  # the starting policy, frozen
         ref_policy = vla.load_checkpoint(meta.get("sft_checkpoint", source) if args.resume else source,
                                          vlm_dtype=vlm_dtype)[0]
         ref_policy.to(device).freeze_vlm(dtype=vlm_dtype).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    params = policy.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start_iter, global_step, train_time = 0, 0, 0.0
     if args.resume:
-        load_optimizer(opt, extra, meta["optimizer"])
+        state = {}  # AdamW's state, saved as flat tensors "optim.<param>.<key>"
+        for key, v in extra.items():
+            if key.startswith("optim."):
+                state.setdefault(int(key.split(".")[1]), {})[key.split(".", 2)[2]] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]})
         start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
-    params = policy.trainable_parameters()
     broadcast_parameters(params)
-
-    if args.track and is_main:
-        import wandb
-        wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
-
-    def log(row: dict):
-        if not is_main:
-            return
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if args.resume:  # a run killed after logging an iteration but before saving it runs that iteration again
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            keep = [line for line in lines if line.endswith("}") and json.loads(line)["iteration"] <= start_iter]
+            metrics_path.with_suffix(".tmp").write_text("".join(f"{line}\n" for line in keep))  # (a cut line: no "}")
+            os.replace(metrics_path.with_suffix(".tmp"), metrics_path)
+            print(f"resuming {run_dir} from iteration {start_iter}")
         if args.track:
-            wandb.log(row, step=row["global_step"])
+            import wandb
+            wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
+    metrics_file = open(metrics_path if is_main else os.devnull, "a")  # one file, written by rank 0
 
-    def save(iteration):
-        if not is_main:
-            return
-        opt_tensors, groups = optimizer_tensors(opt)
-        vla.save_checkpoint(ckpt_dir, policy, normalizer, opt_tensors, {
-            "iteration": iteration, "global_step": global_step, "train_time": train_time, "optimizer": groups,
-            "args": asdict(args), "env_id": env_id, "obs_mode": args.obs_mode, "control_mode": args.control_mode,
-            "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
-            "sft_checkpoint": meta.get("sft_checkpoint", str(source))})
+    def log(iteration: int, row: dict):
+        row = {"iteration": iteration, "global_step": global_step, "train_time": train_time, **row}
+        print(json.dumps(row), file=metrics_file, flush=True)
+        if args.track and is_main:
+            wandb.log(row, step=global_step)
 
     def run_eval(iteration):
-        video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video else None
-        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video if is_main else None, rank, world)
-        log({"iteration": iteration, "global_step": global_step, "train_time": train_time,
-             **{f"eval/{k}": v for k, v in m.items()}})
+        video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video and is_main else None
+        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video, rank, world)
+        log(iteration, {f"eval/{k}": v for k, v in m.items()})
         if is_main:
             tqdm.write(f"iter {iteration} step {global_step}: eval success_once {m['success_once']:.3f} "
-                   f"success_at_end {m['success_at_end']:.3f}")
+                       f"success_at_end {m['success_at_end']:.3f}")
         return m
 
     # ---- rollout storage: one row per (decision point, env); an episode lasts at most T decisions
-    C, G = args.action_chunk, args.group_size
-    max_steps = LIBERO_MAX_STEPS[env_id] if kind == "libero" else args.max_episode_steps
-    T = math.ceil(max_steps / C)
+    T = math.ceil((LIBERO_MAX_STEPS[env_id] if kind == "libero" else args.max_episode_steps) / C)
     H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
     prompts = getattr(envs, "prompts", [envs.prompt] * N)
-    obs_state, obs_images = None, None
-    x_before = torch.zeros(T, N, H, D, device=device)  # x_k* of the SDE step
-    x_after = torch.zeros(T, N, H, D, device=device)  # x_k*+1
-    k_stars = torch.zeros(T, N, dtype=torch.long, device=device)
-    logprobs = torch.zeros(T, N, C, A, device=device)
-    valid = torch.zeros(T, N, dtype=torch.bool, device=device)  # the decision belongs to the group episode
-
+    obs_state = torch.zeros(T, N, S, device=device)  # [T, N, state_dim]
+    obs_images = None if obs["images"] is None else torch.zeros(T, N, *obs["images"].shape[1:], dtype=torch.uint8,
+                                                                device=device)  # [T, N, cams, H, W, 3]
+    x_before, x_after = torch.zeros(2, T, N, H, D, device=device)  # [T, N, H, D] each: x_k* and x_k*+1 of the SDE step
+    k_stars, logp = torch.zeros(T, N, dtype=torch.long, device=device), torch.zeros(T, N, C, A, device=device)
     eval_metrics = run_eval(0) if args.eval_episodes > 0 and start_iter == 0 else {}  # the SFT policy
-    bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations, desc="grpo",
-               disable=not is_main)
-    for iteration in bar:
+    bar = tqdm(initial=start_iter, total=args.total_iterations, desc="grpo", disable=not is_main)
+    for iteration in range(start_iter, args.total_iterations):
         # ---- rollout: every group member from the same seed, each episode to its end, no auto-reset credit
         policy.eval()
         t0, prefixes = time.time(), []
         # one seed per group; training seeds never overlap the eval seeds (from 10_000) nor another rank's
         base = args.seed * 1_000_003 + (iteration * world + rank) * (N // G)
         obs = envs.reset(seed=[base + i // G for i in range(N)])
-        if obs_state is None:
-            obs_state = torch.zeros(T, N, obs["state"].shape[1], device=device)  # [T, N, state_dim]
-            if obs["images"] is not None:
-                obs_images = torch.zeros(T, N, *obs["images"].shape[1:], dtype=torch.uint8, device=device)
-        alive = torch.ones(N, dtype=torch.bool, device=device)
-        returns, success = torch.zeros(N, device=device), torch.zeros(N, dtype=torch.bool, device=device)
-        episode_len = torch.zeros(N, device=device)
-        valid.zero_()
+        alive, success = torch.ones(N, dtype=torch.bool, device=device), torch.zeros(N, dtype=torch.bool, device=device)
+        returns, episode_len = torch.zeros(2, N, device=device)  # [N] each
+        valid = torch.zeros(T, N, dtype=torch.bool, device=device)  # the decision belongs to the group episode
         for step in range(T):
             if not alive.any():
                 break
-            valid[step] = alive
-            obs_state[step] = obs["state"]
+            valid[step], obs_state[step] = alive, obs["state"]
             if obs_images is not None:
                 obs_images[step] = obs["images"]
             with torch.no_grad():
                 prefix = policy.encode_prefix(normalizer.normalize("state", obs["state"]), prompts, obs["images"])
                 if T * prefix.nbytes() <= args.prefix_store_gb * 2**30:
                     prefixes.append(prefix)
-                chunk, x_before[step], x_after[step], k_stars[step], logprobs[step] = sample_chunk(
-                    policy, prefix, args, A)
+                chunk, x_before[step], x_after[step], k_stars[step], logp[step] = sample_chunk(policy, prefix, args, A)
             actions = normalizer.unnormalize("actions", chunk[:, :C, :A])  # [N, C, A]
             for c in range(C):
                 obs, r, term, trunc, info = envs.step(actions[:, c])
@@ -916,54 +796,46 @@ def main(args: Args):
             global_step += N * C * world
         rollout_time = time.time() - t0
 
-        # ---- group advantages, broadcast to every decision of the episode
+        # ---- group advantages, broadcast to every decision of the episode; GRPO update on the kept decisions
         adv, keep = group_advantages(returns, success, G, args.filter_groups)
         rows = valid & keep[None, :]  # [T, N]
-        t1 = time.time()
-        rollout_threads = torch.get_num_threads()
+        t1, rollout_threads = time.time(), torch.get_num_threads()
         torch.set_num_threads(update_threads)  # the env workers wait during the update: their cores are free
-        progress = iteration / args.total_iterations  # share of the run done, in iterations or in time
-        if args.time_budget_min is not None:
-            progress = max(progress, train_time / (60 * args.time_budget_min))
-        lr_now = args.lr * (max(1.0 - progress, 0.0) if args.anneal_lr else 1.0)
-        opt.param_groups[0]["lr"] = lr_now
-        stats, epochs_run, b_prefix = {}, 0, None
-        # Every rank takes the same number of optimiser steps: a rank whose kept decisions run out contributes zero
-        # gradients; a minibatch empty on every rank is skipped.
-        if all_reduce(rows.sum()).item() >= args.num_minibatches:
+        progress = max(iteration / args.total_iterations, train_time / budget)  # share of the run done
+        opt.param_groups[0]["lr"] = args.lr * (max(1.0 - progress, 0.0) if args.anneal_lr else 1.0)
+        stats, epochs_run, b_prefix, kept = {}, 0, None, all_reduce(rows.sum()).item()
+        if kept < args.num_minibatches and is_main:  # e.g. every group filtered out, or episodes ended early
+            tqdm.write(f"iter {iteration + 1}: no update, {kept} kept decisions for {args.num_minibatches} minibatches")
+        if kept >= args.num_minibatches:
             policy.train()
-            b_state, b_xb, b_xa, b_k, b_logp = (x[rows] for x in (obs_state, x_before, x_after, k_stars, logprobs))
+            b_state, b_xb, b_xa, b_k, b_logp = (x[rows] for x in (obs_state, x_before, x_after, k_stars, logp))
             b_images = obs_images[rows] if obs_images is not None else None
-            b_adv = adv[None, :].expand(T, N)[rows]
-            b_env = torch.arange(N, device=device)[None, :].expand(T, N)[rows]
+            b_env = torch.arange(N, device=device)[None, :].expand(T, N)[rows]  # each kept decision's env
             if len(prefixes) == int(valid.any(1).sum()):  # every step run was stored: keep the kept rows'
                 b_prefix = vla.Prefix.cat(prefixes).select(rows[:len(prefixes)].flatten().nonzero()[:, 0])
             prefixes.clear()
-            M = len(b_adv)
-            micro_size = args.micro_batch_size or max(M, 1)
-            for epoch in range(args.update_epochs):
-                epochs_run = epoch + 1  # fewer than update_epochs when --target-kl stops the update
+            M, micro_size = len(b_env), args.micro_batch_size or max(len(b_env), 1)
+            for epochs_run in range(1, args.update_epochs + 1):  # fewer when --target-kl stops the update
                 perm = torch.randperm(M, device=device)
                 for j in range(args.num_minibatches):
                     mb = perm[j * M // args.num_minibatches:(j + 1) * M // args.num_minibatches]
-                    if all_reduce(torch.tensor(len(mb))).item() == 0:
-                        continue
+                    if all_reduce(torch.tensor(len(mb))).item() == 0:  # every rank takes the same optimiser steps: a
+                        continue  # minibatch empty on every rank is skipped, one empty here adds zero gradients
                     opt.zero_grad(set_to_none=True)
-                    for micro in mb.split(micro_size):  # gradient accumulation over micro-batches
-                        loss, mb_stats = grpo_loss(policy, ref_policy, normalizer, args, A, state=b_state[micro],
-                                                   images=b_images[micro] if b_images is not None else None,
-                                                   prompts=[prompts[i] for i in b_env[micro].tolist()],
-                                                   x_before=b_xb[micro], x_after=b_xa[micro], k_star=b_k[micro],
-                                                   old_logp=b_logp[micro], adv=b_adv[micro],
-                                                   prefix=None if b_prefix is None else b_prefix.select(micro))
-                        (loss * len(micro) / len(mb)).backward()
+                    for i in mb.split(micro_size):  # gradient accumulation over micro-batches
+                        loss, mb_stats = grpo_loss(
+                            policy, ref_policy, normalizer, args, A, b_state[i], None if b_images is None else
+                            b_images[i], [prompts[e] for e in b_env[i].tolist()], b_xb[i], b_xa[i], b_k[i], b_logp[i],
+                            adv[b_env[i]], prefix=None if b_prefix is None else b_prefix.select(i))
+                        (loss * len(i) / len(mb)).backward()
                         for k, v in mb_stats.items():
                             stats.setdefault(k, []).append(v)
                     average_gradients(params)
-                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     if not torch.isfinite(grad_norm):  # the same on every rank: gradients were averaged
-                        raise FloatingPointError(f"non-finite loss or gradient at iteration {iteration}; the last "
-                                                 f"good checkpoint is in {ckpt_dir}")
+                        raise FloatingPointError(f"non-finite loss or gradient at iteration {iteration + 1}; " + (
+                            f"the last good checkpoint is in {ckpt_dir}" if ckpt_dir.is_dir() else
+                            "no checkpoint was written yet"))
                     opt.step()
                     stats.setdefault("grad_norm", []).append(grad_norm.item())
                 recent = stats.get("approx_kl", [])[-args.num_minibatches * math.ceil(max(M, 1) / micro_size):]
@@ -974,38 +846,43 @@ def main(args: Args):
         update_time = time.time() - t1
         train_time += all_reduce(torch.tensor(rollout_time + update_time)).item() / world  # same on every rank
 
-        # Every env runs one episode per iteration, so means over ranks are means over all episodes.
-        row = mean_over_ranks({
+        row = mean_over_ranks({  # every env runs one episode per iteration: means over ranks are over all episodes
             "rollout_sps": N * C * int(valid.any(1).sum()) / rollout_time * world,  # averaged: the total
-            "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"], "epochs": epochs_run,
-            "prefix_stored": float(b_prefix is not None),  # 1: the update reused the rollout's prefixes
+            "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"],
+            "epochs": epochs_run, "prefix_stored": float(b_prefix is not None),  # 1: the update reused the prefixes
             "decisions": int(rows.sum()) * world, "groups_kept": int(keep.sum()) // G * world,  # averaged: totals
             "train/success_once": success.float().mean().item(), "train/return": returns.mean().item(),
             "train/episode_len": episode_len.mean().item()})
-        # losses: mean over the ranks' minibatches (a rank without kept decisions has none)
-        for k in ("pg_loss", "kl_ref", "ratio_mean", "approx_kl", "clipfrac", "grad_norm"):
+        for k in ("pg_loss", "kl_ref", "ratio_mean", "approx_kl", "clipfrac", "grad_norm"):  # over all minibatches
             s = all_reduce(torch.tensor([float(np.sum(stats.get(k, []))), float(len(stats.get(k, [])))],
                                         dtype=torch.float64))
-            if s[1] > 0:
+            if s[1] > 0:  # not when no rank updated
                 row[k] = (s[0] / s[1]).item()
-        row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time, **row}
-        log(row)
+        log(iteration + 1, row)
         bar.set_postfix(success=f"{row['train/success_once']:.2f}")
-        done = iteration + 1 == args.total_iterations or (args.time_budget_min is not None
-                                                           and train_time >= 60 * args.time_budget_min)
+        bar.update()
+        done = iteration + 1 == args.total_iterations or train_time >= budget
         if args.eval_episodes > 0 and (done or (args.eval_every and (iteration + 1) % args.eval_every == 0)):
             eval_metrics = run_eval(iteration + 1)
-        if done or (iteration + 1) % args.save_every == 0:
-            save(iteration + 1)
+        if (done or (iteration + 1) % args.save_every == 0) and is_main:
+            sd = opt.state_dict()  # AdamW's state as flat tensors (safetensors), its param groups in the JSON
+            optim = {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+            vla.save_checkpoint(ckpt_dir, policy, normalizer, optim, {
+                "iteration": iteration + 1, "global_step": global_step, "train_time": train_time, "env_id": env_id,
+                "optimizer": sd["param_groups"], "args": asdict(args), "obs_mode": args.obs_mode, "control_mode":
+                args.control_mode, "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
+                "sft_checkpoint": meta.get("sft_checkpoint", str(source))})
         if done:
             break
-    envs.close(), eval_envs.close()
-    if is_main:
-        metrics_file.close()
+    bar.close(), envs.close(), eval_envs.close(), metrics_file.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     return eval_metrics, policy
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (UsageError, vla.CheckpointError) as e:  # the user's mistake: one line, argparse's exit status
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,18 +1,14 @@
 """PPO with Flow-Noise: online RL fine-tuning of a flow-matching VLA policy (pi_RL, Flow-Noise variant).
 
-A flow policy samples an action chunk by integrating a velocity field from noise (t=1) to action (t=0); the
+A flow policy samples an action chunk by integrating a velocity field from noise (t=1) to action (t=0), so the
 action's likelihood is intractable. Flow-Noise adds a small learnable noise head on the action expert's outputs and
-makes EVERY denoising step a Gaussian transition,
-    x_k+1 = x_k - v(x_k, t_k)/K + sigma_k xi,   sigma_k = noise_head(expert tokens) in [sigma_min, sigma_max],
-so the whole chain has an exact log-likelihood:
-    log p = log N(x_0; 0, I) + sum_k log N(x_k+1; x_k - v/K, sigma_k^2).
-The PPO ratio uses it divided by the K+1 terms, as the reference code does (--logprob-reduction; see there why).
-The rollout stores the chain x_0..x_K; the PPO update recomputes all K transitions over one cached prefix.
-Evaluation uses the deterministic ODE; the noise head is only used for exploration and the likelihood.
+makes EVERY denoising step a Gaussian transition: the whole chain x_0..x_K then has an exact log-likelihood (section
+"Flow-Noise" below). The rollout stores the chain; the PPO update recomputes all K transitions over one cached
+prefix. Evaluation uses the deterministic ODE; the noise head only explores and gives the likelihood.
 
-    python flow_noise_ppo.py                                   # PickCube, state obs, tiny policy, CPU
-    python flow_noise_ppo.py --env-id PickCube --num-envs 320  # on a GPU (physx_cuda)
-    torchrun --nproc-per-node 8 flow_noise_ppo.py --num-envs 320   # 8 GPUs, 40 envs each
+    python flow_noise_ppo.py                                        # PickCube, state obs, tiny policy, CPU
+    python flow_noise_ppo.py --env-id PickCube --num-envs 320       # on a GPU (physx_cuda)
+    torchrun --nproc-per-node 8 flow_noise_ppo.py --num-envs 320    # 8 GPUs, 40 envs each
 """
 
 from __future__ import annotations
@@ -21,8 +17,11 @@ import json
 import math
 import os
 import random
+import sys
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import gymnasium as gym
@@ -36,313 +35,305 @@ from tqdm import tqdm
 
 import vla
 
-
 @dataclass
 class Args:
+    # ManiSkill task (alias or full id) or LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10)
     env_id: str = "PickCube"
-    """ManiSkill task (short alias or full id) or a LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10)"""
-    task_ids: tuple[int, ...] = (0,)
-    """LIBERO: the suite's task indices"""
+    task_ids: tuple[int, ...] = (0,)  # LIBERO: the suite's task indices
+    # SFT checkpoint to start from (default: runs/sft/<env id>/checkpoint, written by sft_baseline.py)
     checkpoint: str | None = None
-    """SFT checkpoint to start from (default: runs/sft/<env id>/checkpoint, written by sft_baseline.py)"""
-    obs_mode: str | None = None
-    """"state" or "rgb" (default: the SFT checkpoint's)"""
-    control_mode: str | None = None
-    """ManiSkill controller (default: the SFT checkpoint's)"""
+    obs_mode: str | None = None  # "state" or "rgb" (default: the SFT checkpoint's)
+    control_mode: str | None = None  # ManiSkill controller (default: the SFT checkpoint's)
+    # ManiSkill reward: normalized_dense, dense or sparse (LIBERO: 1 on success); dense-reward episodes run to the
+    # time limit, since ending them at success would make early success cost the rest of the reward
     reward_mode: str = "normalized_dense"
-    """ManiSkill reward: normalized_dense, dense or sparse (LIBERO is always sparse: 1 on success). With a dense
-    reward, training episodes run to the time limit even after success: the dense reward peaks at success, and
-    ending the episode there would make early success cost the rest of the episode's reward"""
-    max_episode_steps: int = 80
-    """ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)"""
-    num_envs: int = 64
-    """parallel training environments in all (the paper uses 320 on a GPU); under torchrun each rank runs
-    num_envs / world size of them. On CPU PickCube 64 envs with 8 minibatches beat 16 with 4 after 30 minutes
-    (70% with the env workers, 71% in one process, against 56% in one process; see the README)"""
-    num_steps: int = 20
-    """decision points (action chunks) per environment per iteration (20 x 4 actions = one 80-step episode)"""
-    total_iterations: int = 200
-    """iterations (rollout + update)"""
-    time_budget_min: float | None = None
-    """stop after this many minutes of training time (evaluation excluded), whatever total_iterations says"""
-    action_chunk: int = 4
-    """C: actions executed per decision point, the first C of the predicted chunk (the SFT checkpoint executes 8,
-    the paper 5). On CPU PickCube two runs with 4 stood at 84% and 81% after 492k env steps, where the two runs
-    with 8 ended at 66-70% after 553-640k (see the README).
-    The runs with 8, at the same discount per env step (the default before the nineteenth session):
-    --action-chunk 8 --num-steps 10 --gamma 0.9 --gae-lambda 0.95"""
-    denoise_steps: int = 4
-    """K: denoising steps, in rollouts and evaluation (the paper's 4; it trains at 3-5). The update recomputes all K
-    transitions, so 2 halves it (2.4 s against 4.5 s per update here). On CPU PickCube (30 minutes, four seeds) 2
-    ended at 97 / 91 / 97 / 96%, 4 at 96 / 97 / 93 / 96% on about 14% fewer env steps; it stays the paper's 4
-    (docs/rl_sessions.md, fifty-first and fifty-second sessions)"""
+    max_episode_steps: int = 80  # ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)
+    num_envs: int = 64  # training envs in all, split over torchrun ranks (the paper uses 320 on a GPU; 64 on CPU)
+    num_steps: int = 20  # decisions (action chunks) per env per iteration: 20 x 4 actions = one 80-step episode
+    total_iterations: int = 200  # iterations (rollout + update)
+    time_budget_min: float | None = None  # stop after this many minutes of training (evaluation excluded)
+    action_chunk: int = 4  # C: actions run per decision, the chunk's first C (the paper's 5; 4 learned faster than 8)
+    denoise_steps: int = 4  # K: denoising steps in rollouts and evaluation (the paper's); the update redoes all K
+    # lower bound of the noise head's std per step, in normalised action units: twice the paper's 0.08, which
+    # explored too little to learn as fast on CPU PickCube
     sigma_min: float = 0.16
-    """lower bound of the noise head's std, per step in normalised action units (the paper's: 0.08-0.16). At K = 4
-    the executed actions' spread grows about in proportion (benchmarks/bench_exploration.py). On CPU PickCube
-    0.16-0.32 ended 30 minutes at 86%, 0.08-0.16 at 72% (one run each; see the README's Choices)"""
-    sigma_max: float = 0.32
-    """upper bound of the noise head's std"""
-    entropy_coef: float = 0.005
-    """weight of the entropy bonus of the step noises"""
+    sigma_max: float = 0.32  # upper bound of the noise head's std (twice the paper's 0.16, like --sigma-min)
+    entropy_coef: float = 0.005  # weight of the entropy bonus of the step noises (the paper's)
+    # "mean": the chain log-likelihood / its K+1 terms, as the reference code does, so the clip and --target-kl act
+    # as on a one-step ratio; "sum": the exact log-likelihood (its ratio clips far more samples)
     logprob_reduction: str = "mean"
-    """"mean" (the default): the chain log-likelihood divided by K+1, as the reference code reports it; "sum": the
-    exact log-likelihood. The sum's log-ratio adds K x C x d Gaussian terms, so the clip and the KL stop, set for a
-    one-step ratio, bind on the whole chain, K-1 intermediate latents included: at K = 4 it clipped 35% of the
-    samples against 10% with "mean". On CPU PickCube (30 minutes, four seeds) "mean" ended at 96 / 97 / 93 / 96%,
-    "sum" at 97 / 94 / 92 / 93% (docs/rl_sessions.md, fifty-first session)"""
-    ratio_level: str = "chunk"
-    """"chunk": one ratio per decision (log-probs summed over C x action dims); "token": one per (action, dim), the
-    paper's pi0 ManiSkill setting (58% after 30 CPU minutes against 71% for "chunk"; see README)"""
+    ratio_level: str = "chunk"  # "chunk": one ratio per decision (sum over C x A); "token": per (action, dim), slower
+    # "expert": mean of the action expert's output tokens (the paper's pi0 critic); "vlm": mean of the VLM prefix
+    # output (pi0.5's); "expert_state": the expert's plus the state (pi0 only: it explains far more variance)
     critic_input: str = "expert_state"
-    """"expert": mean of the action expert's output tokens (the paper's pi0 critic); "vlm": mean of the VLM prefix
-    output (pi0.5's); "expert_state": the expert's plus the normalised state itself (pi0 only: pi0.5 has the state in
-    its prompt). On PickCube state obs the critic's explained variance went from 0.3-0.45 ("expert") to 0.65-0.89"""
-    critic_detach: bool = True
-    """stop the value loss's gradient at the critic's input features"""
+    critic_detach: bool = True  # stop the value loss's gradient at the critic's input features
+    # discount per decision: 0.9 per 8 env steps, a horizon of about one episode (with the dense reward the
+    # paper's 0.99 makes values the critic chases for hundreds of iterations)
     gamma: float = 0.9487
-    """discount per decision point: 0.9 per 8 env steps (0.9487 = sqrt 0.9 per 4-step decision).
-    The paper's 0.99 suits its success reward; with the dense reward, bootstrapped at the time limit, 0.99 per 8-step
-    chunk makes values of ~250 that the critic chases for hundreds of iterations (Flow-SDE's success fell from 28% to
-    14% in 10 minutes); 0.9 per 8 steps (a horizon of about one episode) fixed that"""
-    gae_lambda: float = 0.9747
-    """GAE lambda per decision point: 0.95 per 8 env steps (0.9747 = sqrt 0.95 per 4-step decision)"""
-    update_epochs: int = 4
-    """PPO epochs per iteration. On CPU PickCube 2 (at lr 2e-5) learned less per env step and 8 (at K = 2) no more
-    (docs/rl_sessions.md, twenty-fifth and thirty-fifth sessions)"""
-    num_minibatches: int = 8
-    """minibatches per epoch (each rank splits its own batch; the ranks' gradients are averaged): 8 x 160
-    decisions at 64 envs"""
+    gae_lambda: float = 0.9747  # GAE lambda per decision: 0.95 per 8 env steps
+    update_epochs: int = 4  # PPO epochs per iteration
+    num_minibatches: int = 8  # minibatches per epoch (each rank splits its own batch; gradients are averaged)
+    # accumulate gradients over micro-batches of this many decisions: memory for time (default: the whole minibatch)
     micro_batch_size: int | None = None
-    """split each minibatch into micro-batches of this many decisions and accumulate their gradients: memory
-    for time, e.g. 32 for pi0 at 320 envs on one 80 GB GPU (default: the whole minibatch at once)"""
-    prefix_store_gb: float = 1.0
-    """keep each rollout decision's frozen-VLM prefix (keys/values) for the update when one iteration's fit in this
-    many GB, so the update runs no VLM pass; otherwise (e.g. pi0 with images at 320 envs) the update recomputes each
-    minibatch's. The same numbers either way: the VLM is frozen. 0 always recomputes"""
-    grad_checkpointing: bool = False
-    """recompute the expert's layer activations in the backward pass instead of storing them (memory for time)"""
-    vlm_dtype: str = "auto"
-    """dtype of the frozen VLM: "bfloat16" halves its weights and prefix cache, the expert and the log-probs stay
-    float32; "auto": bfloat16 on a GPU, float32 on CPU (where bfloat16 matmuls are slow)"""
-    clip_coef: float = 0.2
-    """PPO ratio clip. On CPU PickCube at K = 2, 0.2 clips 35-40% of the ratios to the end of a run; 0.3 (27-29%)
-    learned faster over the first 250k env steps but not later: 91 / 88 / 88% after 30 minutes against 95 / 85 / 85%
-    at 0.2 on seeds 1 / 10 / 11 (docs/rl_sessions.md, thirty-sixth and thirty-seventh sessions)"""
+    prefix_store_gb: float = 1.0  # GB of the rollout's frozen-VLM prefixes kept for the update; more: recompute them
+    grad_checkpointing: bool = False  # recompute the expert's activations in the backward pass (memory for time)
+    vlm_dtype: str = "auto"  # frozen VLM's dtype: bfloat16, float32, auto (GPU: bfloat16; CPU: float32, bf16 is slow)
+    clip_coef: float = 0.2  # PPO ratio clip
+    # value clip around the rollout's value; off: the paper's 0.2 suits rewards in [0, 1], not dense returns of ~25
     value_clip: float | None = None
-    """value clip around the rollout's value, off by default: the paper's 0.2 suits success rewards (values in [0, 1]);
-    with the dense reward's returns of ~25 it lets the critic move 0.2 per iteration"""
-    huber_delta: float = 10.0
-    """Huber loss threshold of the value loss"""
-    vf_coef: float = 1.0
-    """value loss weight"""
-    lr: float = 3e-5
-    """actor learning rate at the start (the expert, projections; the VLM is frozen), annealed to 0 (--anneal-lr) and
-    held back by --target-kl, flow_sde_ppo.py's actor step. On CPU PickCube (30 minutes, four seeds) 3e-5 ended at 96
-    / 97 / 93 / 96%, 5e-5 at 94 / 89 / 90 / 88%; a constant 1e-5 (the default before the forty-ninth session, with
-    the sum) at 92 / 91% in two; a constant 1e-4 drove the approximate KL above 1 per update. The paper uses 5e-6 to
-    8e-6 on pi0's 300M expert"""
-    noise_head_lr: float | None = None
-    """learning rate of the noise head (default: --lr; warm-up and --anneal-lr scale it as they scale --lr). At lr
-    1e-5 its std barely moves (within 6% of its bounds' geometric middle), so the bounds set the noise; 1e-4 and 1e-3
-    learned no faster on CPU PickCube at K = 2 (84-86%; see the README's Exploration)"""
-    value_lr: float = 1e-3
-    """critic learning rate"""
+    huber_delta: float = 10.0  # Huber loss threshold of the value loss
+    vf_coef: float = 1.0  # value loss weight
+    lr: float = 3e-5  # actor (expert; the VLM is frozen) learning rate, annealed to 0 and held back by --target-kl
+    noise_head_lr: float | None = None  # noise head's learning rate (default: --lr; scaled as --lr is)
+    value_lr: float = 1e-3  # critic learning rate
+    # first iterations train only the critic (actor lr 0), so early advantages are not mostly value error
     critic_warmup_iters: int = 5
-    """first iterations train only the critic (actor lr 0), so early advantages are not mostly value error"""
-    anneal_lr: bool = True
-    """decay the actor's learning rate linearly to 0 by the end of the run: over total_iterations, or over
-    time_budget_min of training time when that ends the run first (see lr)"""
-    max_grad_norm: float = 1.0
-    """gradient-norm clip"""
-    target_kl: float | None = 0.05
-    """stop an iteration's epochs early when the approximate KL exceeds this (logged: "epochs"; None: never). It is
-    measured on the ratio as reduced (--logprob-reduction): with the default mean at K = 4 the KL stays about 0.01
-    and it stops almost no update; with the sum it ended about two thirds of them after 1-3 epochs
-    (docs/rl_sessions.md, forty-ninth to fifty-first sessions)"""
-    eval_every: int = 10
-    """evaluate every N iterations (also before the first and after the last); 0: only before and after"""
-    eval_episodes: int = 100
-    """evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation"""
-    num_eval_envs: int = 10
-    """parallel evaluation environments (per rank)"""
-    sim_backend: str = "auto"
-    """ManiSkill simulator: "physx_cuda" (all envs in one GPU simulation), "physx_cpu" (CPU envs in env_workers
-    processes; the policy still runs on the GPU if there is one), "auto": physx_cuda when CUDA is available"""
-    env_workers: int | None = None
-    """CPU simulator only: processes that step the envs (default: one per core, divided among torchrun ranks; 1 keeps
-    them in this process)"""
-    update_threads: int | None = None
-    """torch's CPU threads during the update (default: the cores per torchrun rank). The env workers wait while it
-    runs, so their cores are free; the rollout keeps this process's setting (OMP_NUM_THREADS or torch's default)"""
-    eval_seed: int = 10_000
-    """first seed of the evaluation episodes"""
-    save_every: int = 10
-    """write the checkpoint every N iterations"""
-    capture_video: bool = False
-    """save a video of the first evaluation environment at each evaluation"""
-    seed: int = 1
-    """random seed"""
-    output_dir: str | None = None
-    """run directory (default runs/flow_noise_ppo/<env id>_<seed>)"""
-    resume: bool = False
-    """continue from <output_dir>/checkpoint"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project: str = "pi_rl"
-    """W&B project"""
+    anneal_lr: bool = True  # decay the actor's lr linearly to 0 by --total-iterations or --time-budget-min
+    max_grad_norm: float = 1.0  # gradient-norm clip
+    target_kl: float | None = 0.05  # stop an iteration's epochs when the approximate KL exceeds this; None: never
+    eval_every: int = 10  # evaluate every N iterations (also before the first and after the last); 0: only those
+    eval_episodes: int = 100  # evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation
+    num_eval_envs: int = 10  # parallel evaluation environments (per rank)
+    sim_backend: str = "auto"  # physx_cuda (one GPU simulation), physx_cpu (CPU envs in --env-workers processes), auto
+    env_workers: int | None = None  # CPU simulator processes (default: one per core per rank; 1: in this process)
+    update_threads: int | None = None  # torch's CPU threads in the update (default: cores per rank; env workers wait)
+    eval_seed: int = 10_000  # first seed of the evaluation episodes
+    save_every: int = 10  # write the checkpoint every N iterations
+    capture_video: bool = False  # save a video of the first evaluation environment at each evaluation
+    seed: int = 1  # random seed
+    output_dir: str | None = None  # run directory (default runs/flow_noise_ppo/<env id>_<seed>)
+    resume: bool = False  # continue from <output_dir>/checkpoint
+    track: bool = False  # log to Weights & Biases
+    wandb_project: str = "pi_rl"  # W&B project
 
 
 # ================================================================================================ environments
-# ManiSkill tasks whose assets ship with ManiSkill (they run offline) and their instructions for the prompt.
+class UsageError(ValueError):
+    """A mistake in the options or input files: shown as one `error:` line with exit status 2, no traceback."""
+
+
+# ManiSkill tasks whose assets ship with ManiSkill (they run offline), with their prompts; LIBERO suites' step limits.
 MANISKILL_TASKS = {
-    "PickCube": "pick up the cube and move it to the goal position",
-    "PushCube": "push the cube to the goal region",
-    "PullCube": "pull the cube to the goal region",
-    "StackCube": "stack the red cube on the green cube",
-    "PlaceSphere": "place the sphere into the bin",
-    "LiftPegUpright": "lift the peg upright",
-    "PegInsertionSide": "insert the peg into the hole",
-    "PokeCube": "use the peg to push the cube to the goal",
-    "RollBall": "roll the ball to the goal region",
-    "PlugCharger": "plug the charger into the receptacle",
-    "StackPyramid": "stack the cubes into a pyramid",
-}
+    "PickCube": "pick up the cube and move it to the goal position", "PushCube": "push the cube to the goal region",
+    "PullCube": "pull the cube to the goal region", "StackCube": "stack the red cube on the green cube",
+    "PlaceSphere": "place the sphere into the bin", "LiftPegUpright": "lift the peg upright",
+    "PegInsertionSide": "insert the peg into the hole", "PokeCube": "use the peg to push the cube to the goal",
+    "RollBall": "roll the ball to the goal region", "PlugCharger": "plug the charger into the receptacle",
+    "StackPyramid": "stack the cubes into a pyramid"}
 LIBERO_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
 
 
 def resolve_env_id(env_id: str) -> tuple[str, str]:
-    """-> ("maniskill" | "libero", full id). Unknown ids fail at once, listing the valid ones."""
+    """-> ("maniskill" | "libero", full id)."""
     if env_id in LIBERO_MAX_STEPS:
         return "libero", env_id
-    short = env_id.removesuffix("-v1")
-    if short in MANISKILL_TASKS:
-        return "maniskill", f"{short}-v1"
-    raise ValueError(f"unknown --env-id {env_id!r}; valid: ManiSkill {sorted(MANISKILL_TASKS)} "
-                     f"(or with -v1) and LIBERO {sorted(LIBERO_MAX_STEPS)}")
+    if env_id.removesuffix("-v1") in MANISKILL_TASKS:
+        return "maniskill", env_id.removesuffix("-v1") + "-v1"
+    raise UsageError(f"unknown --env-id {env_id!r}; valid: ManiSkill {sorted(MANISKILL_TASKS)} (or with -v1) and "
+                     f"LIBERO {sorted(LIBERO_MAX_STEPS)}")
+
+
+def check_env_args(args, device: torch.device | None = None):
+    """The env options' user errors, found before anything is built (device None: this machine's default)."""
+    resolve_env_id(args.env_id)
+    if args.sim_backend not in ("auto", "physx_cuda", "physx_cpu"):
+        raise UsageError(f"--sim-backend {args.sim_backend!r}: choose auto, physx_cuda or physx_cpu")
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    if args.sim_backend == "physx_cuda" and not cuda:
+        raise UsageError("--sim-backend physx_cuda needs a CUDA GPU; none is visible (use physx_cpu or auto)")
+    for name in ("num_eval_envs", "max_episode_steps", "env_workers"):  # getattr: not every script has each
+        if (value := getattr(args, name, None)) is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
 def to_torch_obs(obs, device) -> dict:
-    """ManiSkill observation (state vector, or rgb dict) -> {"state": [N, D] float, "images": [N, cams, H, W, 3] uint8}."""
+    """An env's obs (state array, ManiSkill's rgb dict or LiberoEnv's dict) -> {"state": [N, D] float, "images":
+    [N, cams, H, W, 3] uint8 or None}; an unbatched obs without N."""
     if not isinstance(obs, dict):
         return {"state": torch.as_tensor(obs, dtype=torch.float32, device=device), "images": None}
-    cams = [torch.as_tensor(c["rgb"], device=device) for c in obs["sensor_data"].values()]
-    state = torch.as_tensor(obs["agent"]["qpos"], dtype=torch.float32, device=device)
-    return {"state": state, "images": torch.stack(cams, 1)}
-
-
-def add_batch_dim(x):
-    return {k: add_batch_dim(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[None]
+    if "images" in obs:
+        state, images = obs["state"], torch.as_tensor(obs["images"], device=device)
+    else:
+        state = obs["agent"]["qpos"]
+        images = torch.stack([torch.as_tensor(c["rgb"], device=device) for c in obs["sensor_data"].values()], -4)
+    return {"state": torch.as_tensor(state, dtype=torch.float32, device=device), "images": images}
 
 
 class FreshGraspFlag(gym.Wrapper):
-    """A CPU scene reports its last physics step's contacts until its next step, so after a plain reset the
-    observation's is_grasped still reads 1 where the previous episode ended holding the object (on PickCube: at 90 of
-    the 90 plain resets of one evaluation of an RL policy, and in 199 of the 200 demonstrations' first observations).
-    Every episode starts with the gripper open and away from the object, so reset observations get the 0 that a
-    rebuilt scene reports; the physics is untouched. Tasks without is_grasped pass through."""
+    """Reset observations read is_grasped = 0 (every episode starts with the gripper open): a CPU scene reports its
+    last step's contacts until it steps again, so the same seed replayed differently after a held object."""
 
     def __init__(self, env):
         super().__init__(env)
         from mani_skill.utils.common import flatten_state_dict
-        self.col = None  # is_grasped's column in a flat "state" observation [1, D] (image modes pass qpos alone)
-        state = env.unwrapped.get_obs(unflattened=True) if env.unwrapped.obs_mode == "state" else {}  # what it joins
-        if "is_grasped" in state.get("extra", {}):
-            def mark(d):  # 1 at is_grasped, 0 elsewhere, in the observation's layout
-                return {k: mark(v) if isinstance(v, dict) else torch.full_like(v, k == "is_grasped", dtype=torch.float)
-                        for k, v in d.items()}
-            self.col = int(flatten_state_dict(mark(state), use_torch=True)[0].argmax())
+        self.col = None  # is_grasped's column in the flat state observation [1, D] (image modes pass qpos alone)
+        state = env.unwrapped.get_obs(unflattened=True) if env.unwrapped.obs_mode == "state" else {}
+        if "is_grasped" in state.get("extra", {}):  # the one column that changes when is_grasped flips
+            flat = flatten_state_dict(state, use_torch=True)
+            state["extra"]["is_grasped"] = state["extra"]["is_grasped"].logical_not()
+            self.col = int((flatten_state_dict(state, use_torch=True) != flat)[0].nonzero()[0, 0])
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        if self.col is not None:
+        if self.col is not None:  # the rows reset: all, or the env_idx of ManiSkillVectorEnv's auto-reset
             obs = obs.clone()
-            obs[:, self.col] = 0
+            obs[(kwargs.get("options") or {}).get("env_idx", slice(None)), self.col] = 0
         return obs, info
 
 
-def cpu_vector_env(env_id: str, num_envs: int, kw: dict, ignore_terminations: bool):
-    """A SyncVectorEnv of num_envs single CPU envs (physx_cpu), auto-resetting in the same step."""
+def maniskill_env(env_id: str, kw: dict, ignore_terminations: bool):
+    """One CPU ManiSkill env with numpy in and out. enhanced_determinism: auto-resets draw from the env's own seeded
+    RNG, so the episodes are the same in any process."""
     import mani_skill.envs  # noqa: F401  (registers the tasks)
-    from gymnasium.vector import AutoresetMode, SyncVectorEnv
     from mani_skill.utils.wrappers.gymnasium import CPUGymWrapper
-
-    def thunk():  # enhanced_determinism: an auto-reset draws the new episode from the env's own seeded RNG, not the
-        # process's global torch RNG, so the episodes are the same in this process and in worker processes
-        env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", enhanced_determinism=True, **kw)
-        return CPUGymWrapper(FreshGraspFlag(env), ignore_terminations=ignore_terminations, record_metrics=True)
-    return SyncVectorEnv([thunk] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+    env = gym.make(env_id, num_envs=1, sim_backend="physx_cpu", enhanced_determinism=True, **kw)
+    return CPUGymWrapper(FreshGraspFlag(env), ignore_terminations=ignore_terminations, record_metrics=True)
 
 
-def cpu_env_worker(pipe, env_id, num_envs, kw, ignore_terminations):
-    """Subprocess loop: owns a SyncVectorEnv and answers ("reset", (seeds, options)), ("step", actions), ("call", name).
-    All of it in inference mode, see ManiSkillEnvs.cpu_sim."""
-    torch.set_num_threads(1)
-    with torch.inference_mode():
-        env = cpu_vector_env(env_id, num_envs, kw, ignore_terminations)
+def quat_xyzw_to_axis_angle(q: np.ndarray) -> np.ndarray:
+    """Unit quaternion (x, y, z, w) -> axis * angle as robosuite computes it (LIBERO's ee_states); atan2 stays
+    accurate near zero rotation, where angle / |v| -> 2 / w."""
+    v, w = q[:3], float(np.clip(q[3], -1.0, 1.0))
+    n = float(np.linalg.norm(v))
+    if n < 1e-8:
+        return v * (2.0 / w) if abs(w) > 1e-8 else np.zeros(3)
+    return v * (2.0 * np.arctan2(n, w) / n)
+
+
+class LiberoEnv(gym.Env):
+    """One LIBERO task, stepped like a ManiSkill CPU env. reset(seed) starts at init state `seed`; each later reset
+    takes the init state num_envs further, then settles 10 no-op steps (openpi's protocol). Reward 1 on success,
+    which ends the episode unless ignore_terminations; else it runs to max_steps."""
+
+    def __init__(self, suite, task_id, num_envs, max_steps, ignore_terminations, image_size=128):
+        from libero.libero import benchmark, get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+        bench = benchmark.get_benchmark_dict()[suite]()
+        task, self.init_states = bench.get_task(task_id), bench.get_task_init_states(task_id)
+        bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+        # hard_reset=False: set_init_state overwrites the whole state, and a soft reset takes 0.3 s, not 6 s
+        self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=image_size, camera_widths=image_size,
+                                      hard_reset=False)
+        self.env.seed(7)
+        self.prompt, self.num_envs, self.max_steps = task.language, num_envs, max_steps
+        self.ignore, self.index, self.success = ignore_terminations, 0, False
+        self.name = f"LIBERO {suite} task {task_id} ({task.language!r})"
+        box = gym.spaces.Box
+        self.observation_space = gym.spaces.Dict({"state": box(-np.inf, np.inf, (8,), np.float32),
+                                                  "images": box(0, 255, (2, image_size, image_size, 3), np.uint8)})
+        self.action_space = box(-1.0, 1.0, (7,), np.float32)
+
+    def obs_of(self, raw: dict) -> dict:
+        """-> images [2, H, W, 3] uint8 (agentview, wrist; turned upright), state [8] (eef pos, axis-angle, gripper)."""
+        images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
+        state = np.concatenate([raw["robot0_eef_pos"], quat_xyzw_to_axis_angle(raw["robot0_eef_quat"]),
+                                raw["robot0_gripper_qpos"]])
+        return {"state": state.astype(np.float32), "images": images}
+
+    def reset(self, seed=None, options=None):
+        self.index = self.index if seed is None else seed
+        self.where = f"{self.name} at init state {self.index % len(self.init_states)}"  # what an error names
+        self.sim("reset")
+        raw = self.sim("set_init_state", self.init_states[self.index % len(self.init_states)])
+        for _ in range(10):  # let objects settle
+            raw, *_ = self.sim("step", [0.0] * 6 + [-1.0])
+        self.index += self.num_envs
+        self.episode = {"success_once": False, "success_at_end": False, "return": 0.0, "episode_len": 0}
+        return self.obs_of(raw), {"success": self.success}  # SAME_STEP auto-reset: this info replaces the step's
+
+    def step(self, action):
+        raw, r, done, _ = self.sim("step", action.tolist())
+        obs, self.success, ep = self.obs_of(raw), bool(done), self.episode  # LIBERO's done is its success check
+        ep["success_once"], ep["success_at_end"] = ep["success_once"] or self.success, self.success
+        ep["return"], ep["episode_len"], self.frame = ep["return"] + r, ep["episode_len"] + 1, obs["images"][0]
+        term = self.success and not self.ignore
+        trunc = ep["episode_len"] >= self.max_steps and not term
+        return obs, r, term, trunc, {"success": self.success, **({"episode": dict(ep)} if term or trunc else {})}
+
+    def sim(self, method: str, *args):  # self.env.<method>(*args), a failure named by the task and init state
         try:
-            for cmd, arg in iter(pipe.recv, None):
-                pipe.send(env.reset(seed=arg[0], options=arg[1]) if cmd == "reset" else env.step(arg) if cmd == "step"
-                          else env.call(arg))
-        except EOFError:  # the parent dropped its envs without close() (an error, or exit): nobody is left to answer
+            return getattr(self.env, method)(*args)
+        except Exception as e:
+            raise RuntimeError(f"{self.where}: LIBERO's {method} failed: {type(e).__name__}: {e}") from e
+
+    def render(self):
+        return self.frame  # the last step's agentview, before any reset
+
+    def close(self):
+        self.env.close()
+
+
+def cpu_env_worker(pipe, thunks):
+    """A worker process's SyncVectorEnv: runs each (method, kwargs) it receives and sends the result back."""
+    import warnings
+    warnings.filterwarnings("ignore", message="Failed to find system libvulkan")  # the main process shows it once
+    torch.set_num_threads(1)
+    with torch.inference_mode():  # see ManiSkillEnvs.cpu_sim
+        env = gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        try:
+            for method, kwargs in iter(pipe.recv, None):  # each answer comes with what the envs run (LiberoEnv.where)
+                pipe.send((getattr(env, method)(**kwargs), [getattr(e, "where", "") for e in env.envs]))
+        except EOFError:  # the parent left without close(): nobody is left to answer
             pass
         env.close()
 
 
 def concat_envs(parts: list, sizes: list[int]):
-    """Join the workers' outputs (arrays, or nested dicts of them) along the env axis. A worker's info lacks the keys
-    none of its envs set (final_obs when none finished); fill them as SyncVectorEnv does: zeros, False, None."""
+    """The workers' outputs (arrays or nested tuples / dicts of them) joined along the env axis; keys a worker lacks
+    (none of its envs set them, e.g. final_obs) filled as SyncVectorEnv fills them: None, zeros, False."""
     if isinstance(parts[0], tuple):
         return tuple(concat_envs(list(p), sizes) for p in zip(*parts))
     ref = next(p for p in parts if p is not None)
     if isinstance(ref, dict):
-        keys = list(dict.fromkeys(k for p in parts if p is not None for k in p))
+        keys = dict.fromkeys(k for p in parts if p is not None for k in p)
         return {k: concat_envs([(p or {}).get(k) for p in parts], sizes) for k in keys}
     ref = np.asarray(ref)
-    fill = lambda n: np.full(n, None, object) if ref.dtype == object else np.zeros((n, *ref.shape[1:]), ref.dtype)
-    return np.concatenate([fill(n) if p is None else np.asarray(p) for p, n in zip(parts, sizes)])
+    empty = [np.full(n, None, object) if ref.dtype == object else np.zeros((n, *ref.shape[1:]), ref.dtype)
+             for n in sizes]
+    return np.concatenate([e if p is None else np.asarray(p) for p, e in zip(parts, empty)])
 
 
 class ProcessVectorEnv:
-    """num_envs CPU envs split over `workers` subprocesses, each a SyncVectorEnv. ManiSkill's CPU step is mostly
-    Python (controller, reward, observation), so one process keeps one core busy and a second process on a second core
-    nearly doubles the env steps per second. Same interface and the same numbers as one SyncVectorEnv."""
+    """CPU envs (one thunk each) split over `workers` processes, each a SyncVectorEnv, with SyncVectorEnv's interface
+    and numbers. A ManiSkill CPU step is mostly Python: a process keeps one core busy; a second nearly doubles speed."""
 
-    def __init__(self, env_id, num_envs, kw, ignore_terminations, workers):
-        import multiprocessing as mp
-        ctx = mp.get_context("spawn")  # forked env processes hung here (gymnasium's AsyncVectorEnv, fork)
-        self.sizes = [len(a) for a in np.array_split(np.arange(num_envs), workers)]
-        self.bounds = np.cumsum([0] + self.sizes).tolist()
-        self.num_envs, self.pipes, self.procs = num_envs, [], []
-        for n in self.sizes:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=cpu_env_worker, args=(child, env_id, n, kw, ignore_terminations), daemon=True)
+    def __init__(self, thunks: list, workers: int):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")  # forked env processes hang
+        groups = [g.tolist() for g in np.array_split(np.array(thunks, dtype=object), workers)]
+        self.num_envs, self.sizes = len(thunks), [len(g) for g in groups]
+        self.replies = [(None, [""] * n) for n in self.sizes]  # per worker: its last answer, what its envs ran
+        self.pipes, ends = zip(*[ctx.Pipe() for _ in groups])  # this process's ends, the workers' ends
+        self.procs = [ctx.Process(target=cpu_env_worker, args=(end, g), daemon=True) for end, g in zip(ends, groups)]
+        for proc, end in zip(self.procs, ends):
             proc.start()
-            child.close()
-            self.pipes.append(parent), self.procs.append(proc)
+            end.close()
         self.single_action_space = self.call("action_space")[0]
 
-    def _ask(self, cmd, args) -> list:
-        """Send each worker its message -> their answers, in env order."""
-        for pipe, arg in zip(self.pipes, args):
-            pipe.send((cmd, arg))
+    def ask(self, method: str, kwargs: list[dict]) -> list:
+        """Worker w's SyncVectorEnv.method(**kwargs[w]) for every w -> their results, in env order."""
+        for pipe, kw in zip(self.pipes, kwargs):
+            pipe.send((method, kw))
         try:
-            return [pipe.recv() for pipe in self.pipes]
+            for k, pipe in enumerate(self.pipes):
+                self.replies[k] = pipe.recv()
         except EOFError:
-            raise RuntimeError("a CPU env worker process died (its traceback is above); --env-workers 1 runs the envs "
-                               "in this process") from None
-
-    def _split(self, x):
-        return [x[b:e] for b, e in zip(self.bounds[:-1], self.bounds[1:])]
+            raise RuntimeError(f"CPU env worker {k + 1} of {len(self.pipes)} died (its traceback is above) running "
+                               f"{'; '.join(w for w in self.replies[k][1] if w) or 'its envs'}; --env-workers 1 runs "
+                               "the envs in this process") from None
+        return [answer for answer, _ in self.replies]
 
     def reset(self, seed, options=None):  # an int seeds env i with seed + i, as SyncVectorEnv does
-        seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
-        return concat_envs(self._ask("reset", [(s, options) for s in self._split(seeds)]), self.sizes)
+        seeds = np.array_split(seed if isinstance(seed, list) else np.arange(self.num_envs) + seed, len(self.pipes))
+        return concat_envs(self.ask("reset", [dict(seed=list(map(int, s)), options=options) for s in seeds]),
+                           self.sizes)
 
     def step(self, actions):
-        return concat_envs(self._ask("step", self._split(actions)), self.sizes)
+        return concat_envs(self.ask("step", [dict(actions=a) for a in np.array_split(actions, len(self.pipes))]),
+                           self.sizes)
 
     def call(self, name):  # -> one result per env: a method's return value or an attribute
-        return tuple(r for part in self._ask("call", [name] * len(self.pipes)) for r in part)
+        return tuple(r for part in self.ask("call", [dict(name=name)] * len(self.pipes)) for r in part)
 
     def close(self):
         for pipe, proc in zip(self.pipes, self.procs):
@@ -351,88 +342,77 @@ class ProcessVectorEnv:
 
 
 class ManiSkillEnvs:
-    """N ManiSkill envs as one batch of torch tensors: the GPU simulator (physx_cuda) when `gpu_sim`,
-    otherwise SyncVectorEnvs of CPU envs in `workers` processes. Both auto-reset in the same step and return the
-    finished episode's last observation and metrics in `info`, so the rest of the script sees one interface."""
+    """N ManiSkill envs as one batch of torch tensors: one simulation on `batched` (physx_cuda; physx_cpu: one env),
+    else CPU envs in `workers` processes. Both auto-reset in the same step, returning the last obs and metrics."""
 
     def __init__(self, env_id, num_envs, obs_mode, control_mode, max_steps, ignore_terminations, device,
-                 reward_mode="normalized_dense", workers=1, gpu_sim=False):
-        import mani_skill.envs  # noqa: F401  (registers the tasks)
+                 reward_mode="normalized_dense", workers=1, batched=None):
         kw = dict(obs_mode=obs_mode, control_mode=control_mode, max_episode_steps=max_steps,
                   reward_mode=reward_mode, render_mode="rgb_array")
-        self.device, self.num_envs, self.gpu = device, num_envs, gpu_sim
-        if self.gpu:
-            import sapien
-            from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
-            try:  # SAPIEN downloads its PhysX GPU library from GitHub on first use: fails offline
+        if not torch.cuda.is_available():  # else each env warns that sapien_cuda falls back to the CPU renderer
+            kw["render_backend"] = "cpu"
+        self.prompt, self.batched = MANISKILL_TASKS[env_id.removesuffix("-v1")], batched is not None
+        if batched is None:
+            self.start_cpu([partial(maniskill_env, env_id, kw, ignore_terminations)] * num_envs, workers, device)
+            return
+        import mani_skill.envs  # noqa: F401  (registers the tasks)
+        import sapien
+        from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
+        try:  # SAPIEN downloads its PhysX GPU library from GitHub on first use: fails offline
+            if batched == "physx_cuda":
                 sapien.physx.enable_gpu()
-            except Exception as e:
-                raise RuntimeError(
-                    f"ManiSkill's GPU simulator could not start ({type(e).__name__}: {e}). SAPIEN fetches "
-                    f"libPhysXGpu_64.so into ~/.sapien/physx/{sapien.physx.version()}/ on first use; offline, copy it "
-                    "there from a machine that has it, or pass --sim-backend physx_cpu (CPU envs in worker "
-                    "processes, the policy stays on the GPU)") from e
-            if device.index is not None:  # this rank's GPU under torchrun
-                kw.update(sim_backend=f"physx_cuda:{device.index}", render_backend=f"sapien_cuda:{device.index}")
-            env = gym.make(env_id, num_envs=num_envs, **{"sim_backend": "physx_cuda", **kw})
-            self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=True, ignore_terminations=ignore_terminations,
-                                          record_metrics=True)
-        elif min(workers, num_envs) > 1:
-            self.env = ProcessVectorEnv(env_id, num_envs, kw, ignore_terminations, min(workers, num_envs))
-        else:
-            with self.cpu_sim():
-                self.env = cpu_vector_env(env_id, num_envs, kw, ignore_terminations)
+        except Exception as e:
+            raise RuntimeError(f"ManiSkill's GPU simulator could not start ({type(e).__name__}: {e}); offline, put "
+                               "libPhysXGpu_64.so in ~/.sapien/physx/<version>/ or pass --sim-backend physx_cpu") from e
+        if batched == "physx_cuda" and device.index is not None:  # this rank's GPU under torchrun
+            kw.update(sim_backend=f"physx_cuda:{device.index}", render_backend=f"sapien_cuda:{device.index}")
+        env = FreshGraspFlag(gym.make(env_id, num_envs=num_envs, **{"sim_backend": batched, **kw}))
+        self.env = ManiSkillVectorEnv(env, ignore_terminations=ignore_terminations, record_metrics=True)  # auto-resets
+        self.device, self.num_envs, self.action_dim = device, num_envs, self.env.single_action_space.shape[0]
+
+    def start_cpu(self, thunks: list, workers: int, device):
+        self.device, self.num_envs, workers = device, len(thunks), min(workers, len(thunks))
+        with self.cpu_sim():
+            self.env = ProcessVectorEnv(thunks, workers) if workers > 1 else \
+                gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
         self.action_dim = self.env.single_action_space.shape[0]
-        self.prompt = MANISKILL_TASKS[env_id.removesuffix("-v1")]
 
     def cpu_sim(self):
-        """ManiSkill's CPU step is mostly small torch ops: in inference mode, without autograd's bookkeeping, it steps
-        about 1.2x as fast with the same numbers. Only numpy leaves the CPU envs; the GPU simulator's tensors reach
-        the policy, so it runs outside."""
-        return torch.inference_mode(not self.gpu)
+        """CPU envs step in inference mode: about 1.2x as fast, the same numbers (only numpy leaves them)."""
+        return torch.inference_mode(not self.batched)
 
     def reset(self, seed: int | list[int], rebuild: bool = False):
-        """rebuild: rebuild the CPU scenes first, as in new envs (each evaluation does, for about 0.3 s an env). Plain
-        resets replay the same seeds exactly as well (tested): what made them differ until the thirty-ninth session
-        was the stale is_grasped that FreshGraspFlag clears. (The GPU scene is not rebuilt: slow for hundreds of
-        sub-scenes, and its partial resets' is_grasped is not measured here.)"""
-        options = {"reconfigure": True} if rebuild and not self.gpu else {}
+        """An int seeds env i with seed + i, a list each env. rebuild: new CPU scenes, as new envs have (0.3 s an env;
+        a batched simulation's hundreds of sub-scenes are kept)."""
         with self.cpu_sim():
-            obs, _ = self.env.reset(seed=seed, options=options)  # an int seeds env i with seed + i; a list: its own
+            obs, _ = self.env.reset(seed=seed, options={"reconfigure": True} if rebuild and not self.batched else {})
         return to_torch_obs(obs, self.device)
 
     def step(self, action: torch.Tensor):
-        """action [N, A] -> obs, reward [N], terminated [N], truncated [N], info with "success" [N],
-        "final_obs" (obs, with finished envs' rows replaced by their last observation) and "episode"
-        (metrics [N] of the episodes that just finished: success_once, success_at_end, return, episode_len)."""
+        """action [N, A] -> obs, reward [N], terminated [N], truncated [N], info: "success" [N], "final_obs" (obs with
+        ended envs' rows replaced by their episode's last obs), "episode" (metrics [N] of the episodes that ended:
+        success_once, success_at_end, return, episode_len; {} when none did)."""
         with self.cpu_sim():
-            obs, rew, term, trunc, info = self.env.step(action if self.gpu else action.cpu().numpy())
+            obs, rew, term, trunc, info = self.env.step(action if self.batched else action.cpu().numpy())
         t = lambda x, dt=torch.float32: torch.as_tensor(x, dtype=dt, device=self.device)
         obs, rew, term, trunc = to_torch_obs(obs, self.device), t(rew), t(term, torch.bool), t(trunc, torch.bool)
-        done = term | trunc
         out = {"success": t(info["success"], torch.bool), "final_obs": obs, "episode": {}}
-        if done.any():
-            fin = {k: None if v is None else v.clone() for k, v in obs.items()}
-            if self.gpu:
-                last = to_torch_obs(info["final_observation"], self.device)
+        if (term | trunc).any():  # a batched env returns the last obs as one batch, CPU envs each ended env's apart
+            fin = out["final_obs"] = {k: None if v is None else v.clone() for k, v in obs.items()}
+            last = to_torch_obs(info["final_observation"], self.device) if self.batched else None
+            for i in (term | trunc).nonzero()[:, 0].tolist():
+                row = {k: v if v is None else v[i] for k, v in last.items()} if self.batched else \
+                    to_torch_obs(info["final_obs"][i], self.device)
                 for k, v in fin.items():
                     if v is not None:
-                        v[done] = last[k][done]
-            else:  # the CPU vector env keeps each finished episode's last observation unbatched
-                for i in done.nonzero()[:, 0].tolist():
-                    last = to_torch_obs(add_batch_dim(info["final_obs"][i]), self.device)
-                    for k, v in fin.items():
-                        if v is not None:
-                            v[i] = last[k][0]
-            out["final_obs"] = fin
-            ep = info["final_info"]["episode"]
-            out["episode"] = {k: t(v) for k, v in ep.items() if not k.startswith("_")}
+                        v[i] = row[k]
+            out["episode"] = {k: t(v) for k, v in info["final_info"]["episode"].items() if not k.startswith("_")}
         return obs, rew, term, trunc, out
 
     def render(self):
         """First env's frame [H, W, 3] uint8 (for videos)."""
         with self.cpu_sim():
-            frame = self.env.render()[0] if self.gpu else self.env.call("render")[0]
+            frame = self.env.render()[0] if self.batched else self.env.call("render")[0]
         return np.asarray(frame.cpu() if torch.is_tensor(frame) else frame)
 
     def close(self):
@@ -440,127 +420,111 @@ class ManiSkillEnvs:
             self.env.close()
 
 
-def quat_xyzw_to_axis_angle(q: np.ndarray) -> np.ndarray:
-    """Unit quaternion (x, y, z, w) -> axis * angle, robosuite's convention (no sign flip of w), which the
-    LIBERO datasets' ee_states use. atan2 stays accurate near zero rotation, where angle/|v| -> 2/w."""
-    v, w = q[:3], float(np.clip(q[3], -1.0, 1.0))
-    n = float(np.linalg.norm(v))
-    if n < 1e-8:
-        return v * (2.0 / w) if abs(w) > 1e-8 else np.zeros(3)
-    return v * (2.0 * np.arctan2(n, w) / n)
+class LiberoEnvs(ManiSkillEnvs):
+    """N LIBERO envs of one suite (LiberoEnv), task_ids in contiguous blocks, in `workers` processes."""
 
-
-class LiberoEnvs:
-    """N LIBERO envs of one suite, stepped in this process, with the ManiSkillEnvs interface. Each env cycles
-    through its tasks' fixed init states; after reset it settles for 10 no-op steps (openpi's protocol).
-    Reward 1 on success; with ignore_terminations an episode runs to the suite's step limit (as ManiSkill eval)."""
-
-    def __init__(self, suite, task_ids, num_envs, max_steps, ignore_terminations, device, image_size=128):
-        from libero.libero import benchmark, get_libero_path
-        from libero.libero.envs import OffScreenRenderEnv
-        bench = benchmark.get_benchmark_dict()[suite]()
-        bad = [i for i in task_ids if not 0 <= i < bench.n_tasks]
-        if bad:
-            raise ValueError(f"--task-ids {bad} out of range: {suite} has tasks 0..{bench.n_tasks - 1}")
-        self.device, self.num_envs, self.max_steps, self.ignore_terminations = device, num_envs, max_steps, ignore_terminations
-        ids = [task_ids[i * len(task_ids) // num_envs] for i in range(num_envs)]  # contiguous blocks per task
-        self.tasks = [bench.get_task(i) for i in ids]
-        self.init_states = [bench.get_task_init_states(i) for i in ids]
-        self.envs = []
-        for task in self.tasks:
-            # hard_reset=False: set_init_state overwrites the whole simulator state anyway, and a soft reset
-            # takes 0.3 s instead of 6 s here.
-            env = OffScreenRenderEnv(bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder,
-                                                                 task.bddl_file),
-                                     camera_heights=image_size, camera_widths=image_size, hard_reset=False)
-            env.seed(7)
-            self.envs.append(env)
-        self.prompts = [t.language for t in self.tasks]
+    def __init__(self, suite, task_ids, num_envs, max_steps, ignore_terminations, device, workers=1):
+        from libero.libero import benchmark
+        n = benchmark.get_benchmark_dict()[suite]().n_tasks
+        if bad := [i for i in task_ids if not 0 <= i < n]:
+            raise UsageError(f"--task-ids {bad} out of range: {suite} has tasks 0..{n - 1}")
+        ids = [task_ids[i * len(task_ids) // num_envs] for i in range(num_envs)]
+        self.batched = False
+        self.start_cpu([partial(LiberoEnv, suite, i, num_envs, max_steps, ignore_terminations) for i in ids], workers,
+                       device)
+        self.prompts = list(self.env.call("prompt"))
         self.prompt = self.prompts[0]
-        self.action_dim = 7
-        self.episode_idx = np.zeros(num_envs, dtype=int)
-        self.steps = np.zeros(num_envs, dtype=int)
-        self.ret = np.zeros(num_envs)
-        self.succ_once = np.zeros(num_envs, dtype=bool)
-
-    @staticmethod
-    def obs_of(raw: dict) -> tuple[np.ndarray, np.ndarray]:
-        """-> images [2, H, W, 3] uint8 (agentview, wrist; rotated upright) and state [8] (eef pos, axis-angle, gripper)."""
-        images = np.stack([raw["agentview_image"][::-1, ::-1], raw["robot0_eye_in_hand_image"][::-1, ::-1]])
-        state = np.concatenate([raw["robot0_eef_pos"], quat_xyzw_to_axis_angle(raw["robot0_eef_quat"]),
-                                raw["robot0_gripper_qpos"]])
-        return images, state.astype(np.float32)
-
-    def _reset_one(self, i: int, seed: int | None):
-        if seed is not None:
-            self.episode_idx[i] = seed
-        env, states = self.envs[i], self.init_states[i]
-        env.reset()
-        raw = env.set_init_state(states[self.episode_idx[i] % len(states)])
-        for _ in range(10):  # let objects settle
-            raw, *_ = env.step([0.0] * 6 + [-1.0])
-        self.episode_idx[i] += self.num_envs
-        self.steps[i], self.ret[i], self.succ_once[i] = 0, 0.0, False
-        return self.obs_of(raw)
-
-    def _batch(self, items):
-        images, state = zip(*items)
-        return {"state": torch.as_tensor(np.stack(state), device=self.device),
-                "images": torch.as_tensor(np.stack(images), device=self.device)}
-
-    def reset(self, seed: int | list[int], rebuild: bool = False):  # rebuild: ManiSkill's; set_init_state sets the state
-        seeds = seed if isinstance(seed, list) else [seed + i for i in range(self.num_envs)]
-        return self._batch([self._reset_one(i, s) for i, s in enumerate(seeds)])  # seed = init-state index
-
-    def step(self, action: torch.Tensor):
-        items, final, rew, term, trunc, succ = [], [], [], [], [], []
-        episode = {k: np.zeros(self.num_envs) for k in ("success_once", "success_at_end", "return", "episode_len")}
-        for i, (env, a) in enumerate(zip(self.envs, action.cpu().numpy())):
-            raw, r, done, _ = env.step(a.tolist())
-            success = bool(done)  # LIBERO's done is check_success()
-            self.steps[i] += 1
-            self.ret[i] += r
-            self.succ_once[i] |= success
-            te = success and not self.ignore_terminations
-            tr = self.steps[i] >= self.max_steps and not te
-            items.append(self.obs_of(raw))
-            final.append(items[-1])
-            if te or tr:
-                episode["success_once"][i], episode["success_at_end"][i] = self.succ_once[i], success
-                episode["return"][i], episode["episode_len"][i] = self.ret[i], self.steps[i]
-                items[-1] = self._reset_one(i, None)
-            rew.append(r), term.append(te), trunc.append(tr), succ.append(success)
-        t = lambda x, dt=torch.float32: torch.as_tensor(np.asarray(x), dtype=dt, device=self.device)
-        term, trunc = t(term, torch.bool), t(trunc, torch.bool)
-        self.last_frame = final[0][0][0]  # env 0's agentview before any reset, for videos
-        info = {"success": t(succ, torch.bool), "final_obs": self._batch(final),
-                "episode": {k: t(v) for k, v in episode.items()} if (term | trunc).any() else {}}
-        return self._batch(items), t(rew), term, trunc, info
-
-    def render(self):
-        return self.last_frame
-
-    def close(self):
-        for env in self.envs:
-            env.close()
 
 
 def make_envs(args, num_envs: int, ignore_terminations: bool, device):
+    """The envs of args.env_id: LiberoEnvs, or ManiSkillEnvs on the simulator --sim-backend picks."""
+    check_env_args(args, device)
     kind, env_id = resolve_env_id(args.env_id)
-    if kind == "libero":
-        return LiberoEnvs(env_id, args.task_ids, num_envs, LIBERO_MAX_STEPS[env_id], ignore_terminations, device)
     world = dist.get_world_size() if dist.is_initialized() else 1  # torchrun ranks share the cores
     workers = args.env_workers or max(1, (os.cpu_count() or 1) // world)
-    if args.sim_backend not in ("auto", "physx_cuda", "physx_cpu"):
-        raise ValueError(f"--sim-backend {args.sim_backend!r}: choose auto, physx_cuda or physx_cpu")
-    if args.sim_backend == "physx_cuda" and device.type != "cuda":
-        raise ValueError("--sim-backend physx_cuda needs a CUDA GPU; none is visible (use physx_cpu or auto)")
+    if kind == "libero":
+        return LiberoEnvs(env_id, args.task_ids, num_envs, LIBERO_MAX_STEPS[env_id], ignore_terminations, device,
+                          workers)
     gpu_sim = args.sim_backend == "physx_cuda" or (args.sim_backend == "auto" and device.type == "cuda")
+    reward = getattr(args, "reward_mode", "normalized_dense")  # sft_baseline has no reward option
     return ManiSkillEnvs(env_id, num_envs, args.obs_mode, args.control_mode, args.max_episode_steps,
-                         ignore_terminations, device, args.reward_mode, workers, gpu_sim)
+                         ignore_terminations, device, reward, workers, "physx_cuda" if gpu_sim else None)
+
+
+# ================================================================================================ distributed
+# `torchrun --nproc-per-node N <script>` starts N copies of the script. Each rank owns one GPU (or a gloo CPU process),
+# num_envs / N envs and its own seeds; after every backward the ranks average their gradients, so their parameters
+# stay identical. Metrics are reduced over ranks; only rank 0 logs and saves.
+def init_distributed() -> tuple[int, int, torch.device]:
+    """-> rank, world size, device. A plain `python` run is rank 0 of 1."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """x summed over ranks (a new tensor on x's device)."""
+    if not distributed():
+        return x
+    y = x.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def broadcast_parameters(params: list[torch.Tensor]):
+    """Rank 0's values on every rank (random initialisations differ between ranks)."""
+    for p in params if distributed() else []:
+        buf = p.data.to("cpu") if dist.get_backend() == "gloo" else p.data
+        dist.broadcast(buf, 0)
+        p.data.copy_(buf)
+
+
+def average_gradients(params: list[torch.Tensor]):
+    """DDP's gradient averaging, written out: the policy runs through encode_prefix / velocity, not DDP's forward()."""
+    if not distributed():
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = all_reduce(flat) / dist.get_world_size()  # [trainable parameters]
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+EPISODE_KEYS = ("success_once", "success_at_end", "return", "episode_len")
+
+
+def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean of each episode metric over every rank's finished episodes (sums and counts all-reduced)."""
+    sums = all_reduce(torch.tensor([[torch.cat(episodes[k]).double().sum().item(), sum(map(len, episodes[k]))]
+                                    if episodes.get(k) else [0.0, 0.0] for k in EPISODE_KEYS], dtype=torch.float64))
+    return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
+
+
+def mean_over_ranks(row: dict[str, float]) -> dict[str, float]:
+    """Every value averaged over ranks (all ranks hold the same keys)."""
+    if not distributed():
+        return row
+    keys = sorted(row)
+    values = all_reduce(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)) / dist.get_world_size()
+    return dict(zip(keys, values.tolist()))
 
 
 # ================================================================================================ Flow-Noise
+# Every one of the K denoising steps (t_k = 1 - k/K) is a Gaussian transition with a learned std:
+#     x_k+1 = mu_k + sigma_k xi,  mu_k = x_k - v(x_k, t_k) / K,  sigma_k = noise_head(expert tokens) in [s_min, s_max]
+# so the chain x_0 (noise) .. x_K (action chunk) has the exact log-likelihood (executed entries [:C, :A] only)
+#     log p = log N(x_0; 0, I) + sum_k log N(x_k+1; mu_k, sigma_k^2),
+# used as the sum or divided by its K+1 terms (--logprob-reduction) in the PPO ratio r = exp(log p - log p_old).
+#     loss = -mean(min(r A, clip(r, 1 - eps, 1 + eps) A)) - entropy_coef H + vf_coef Huber(V, R),
+#     H = mean over steps and entries of 0.5 log(2 pi e sigma_k^2)
 class NoiseHead(nn.Module):
     """Per-token, per-dim std of every denoising step from the expert's action-token outputs (which already depend
     on the observation, x_t and t): W -> 128 -> 64 -> D with tanh, squashed log-linearly into [sigma_min, sigma_max]."""
@@ -577,10 +541,8 @@ class NoiseHead(nn.Module):
 
 
 def checkpoint_noise_head(policy, extra: dict, meta: dict) -> NoiseHead | None:
-    """The learned noise head of a Flow-Noise PPO checkpoint (vla.load_checkpoint's extra tensors and metadata), in
-    its run's bounds; None for a checkpoint without one (SFT, Flow-SDE PPO, GRPO)."""
-    state = {k[len("noise_head."):]: v for k, v in extra.items() if k.startswith("noise_head.")}
-    if not state:
+    """A Flow-Noise PPO checkpoint's learned noise head, in its run's bounds; None for a checkpoint without one."""
+    if not (state := {k[len("noise_head."):]: v for k, v in extra.items() if k.startswith("noise_head.")}):
         return None
     run = meta["args"]
     head = NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], run["sigma_min"], run["sigma_max"])
@@ -601,47 +563,39 @@ def denoise_transition(policy, noise_head, prefix, x, k, K):
     return x - v / K, noise_head(h)
 
 
-@torch.no_grad()
-def sample_chain(policy, noise_head, prefix, args, action_dim: int, generator=None):
-    """Every one of the K steps is stochastic: x_k+1 = x_k - v/K + sigma_k xi. -> chain [N, K+1, H, D] (x_0 the
-    noise at t=1, x_K the normalised action chunk) and the log-likelihood terms [N, K+1, C, A] (prior, then steps)."""
-    K, N = args.denoise_steps, prefix.mask.shape[0]
-    H, D, dev = policy.spec["chunk_size"], policy.spec["max_action_dim"], prefix.mask.device
-    chain = torch.empty(N, K + 1, H, D, device=dev)  # [N, K+1, H, D]
-    chain[:, 0] = torch.randn(N, H, D, device=dev, generator=generator)
-    terms = torch.empty(N, K + 1, args.action_chunk, action_dim, device=dev)  # [N, K+1, C, A]
-    terms[:, 0] = gaussian_logp(chain[:, 0], torch.zeros_like(chain[:, 0]), torch.ones_like(chain[:, 0]),
-                                args.action_chunk, action_dim)
+def chain_logp(policy, noise_head, prefix, chain, args, action_dim, sample=False, generator=None):
+    """Log-likelihood terms [M, K+1, C, A] (the prior, then each step) of chains [M, K+1, H, D] under the current
+    parameters (K expert passes over one cached prefix) and the entropy H of the step noises. sample: first draw
+    each x_k+1 of `chain` from its step (x_0 given), so the rollout and the update share this code."""
+    K, C, x0 = args.denoise_steps, args.action_chunk, chain[:, 0]
+    terms, entropy = [gaussian_logp(x0, torch.zeros_like(x0), torch.ones_like(x0), C, action_dim)], 0.0
     for k in range(K):
         mean, std = denoise_transition(policy, noise_head, prefix, chain[:, k], k, K)
-        chain[:, k + 1] = mean + std * torch.randn(mean.shape, device=dev, generator=generator)
-        terms[:, k + 1] = gaussian_logp(chain[:, k + 1], mean, std, args.action_chunk, action_dim)
-    return chain, terms
-
-
-def chain_logp(policy, noise_head, prefix, chain, args, action_dim):
-    """Log-likelihood terms [M, K+1, C, A] of stored chains under the current parameters (K expert passes over one
-    cached prefix) and the mean entropy of the step noises."""
-    K = args.denoise_steps
-    terms, entropy = [], 0.0
-    x0 = chain[:, 0]
-    terms.append(gaussian_logp(x0, torch.zeros_like(x0), torch.ones_like(x0), args.action_chunk, action_dim))
-    for k in range(K):
-        mean, std = denoise_transition(policy, noise_head, prefix, chain[:, k], k, K)
-        terms.append(gaussian_logp(chain[:, k + 1], mean, std, args.action_chunk, action_dim))
-        entropy = entropy + (0.5 * torch.log(2 * math.pi * math.e * std[:, :args.action_chunk, :action_dim] ** 2)).mean()
+        if sample:
+            chain[:, k + 1] = mean + std * torch.randn(mean.shape, device=mean.device, generator=generator)
+        terms.append(gaussian_logp(chain[:, k + 1], mean, std, C, action_dim))
+        entropy = entropy + (0.5 * torch.log(2 * math.pi * math.e * std[:, :C, :action_dim] ** 2)).mean()
     return torch.stack(terms, 1), entropy / K
 
 
+@torch.no_grad()
+def sample_chain(policy, noise_head, prefix, args, action_dim: int, generator=None):
+    """Roll out the stochastic chain -> chain [N, K+1, H, D] (x_0 the noise, x_K the normalised action chunk) and
+    its log-likelihood terms [N, K+1, C, A]."""
+    N, H, D, dev = prefix.mask.shape[0], policy.spec["chunk_size"], policy.spec["max_action_dim"], prefix.mask.device
+    chain = torch.empty(N, args.denoise_steps + 1, H, D, device=dev)  # [N, K+1, H, D]
+    chain[:, 0] = torch.randn(N, H, D, device=dev, generator=generator)
+    return chain, chain_logp(policy, noise_head, prefix, chain, args, action_dim, True, generator)[0]
+
+
 def reduce_terms(terms: torch.Tensor, how: str) -> torch.Tensor:
-    """[N, K+1, C, A] -> [N, C, A]: the exact log-likelihood sums the K+1 terms; "mean" divides it by K+1 as the
-    reference code does (the same ratio's log, scaled)."""
+    """[N, K+1, C, A] -> [N, C, A]: the exact log-likelihood sums the K+1 terms; "mean" divides it by K+1."""
     return terms.sum(1) if how == "sum" else terms.mean(1)
 
 
 def ppo_loss(policy, noise_head, critic, normalizer, args, action_dim, state, images, prompts, chain, old_logp,
              adv, ret, old_value, prefix=None):
-    """Clipped surrogate on the recomputed chain likelihood, entropy bonus of the step noises, clipped Huber value
+    """Clipped surrogate on the recomputed chain likelihood, entropy bonus of the step noises, (clipped) Huber value
     loss, for one minibatch of M decisions (prefix: the rollout's, else encoded here). -> loss, stats."""
     if prefix is None:  # VLM frozen: no grad
         prefix = policy.encode_prefix(normalizer.normalize("state", state), prompts, images)
@@ -666,18 +620,17 @@ def ppo_loss(policy, noise_head, critic, normalizer, args, action_dim, state, im
     return pg_loss - args.entropy_coef * entropy + args.vf_coef * v_loss, stats
 
 
+# ================================================================================================ critic, GAE, eval
 class Critic(nn.Module):
-    """Chunk-level value: MLP 512-256-128-1 (ReLU) on the critic features; Kaiming hidden layers, N(0, 0.02)
-    output, zero biases."""
+    """Chunk-level value: MLP 512-256-128-1 (ReLU); Kaiming hidden layers, N(0, 0.02) output, zero biases."""
 
     def __init__(self, in_dim: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
                                  nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 1))
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-                nn.init.zeros_(layer.bias)
+        for layer in self.net[::2]:  # the Linear layers
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
         nn.init.normal_(self.net[-1].weight, std=0.02)
 
     def forward(self, features):
@@ -685,13 +638,12 @@ class Critic(nn.Module):
 
 
 def critic_features(policy, prefix, args) -> torch.Tensor:
-    """pi0 style: mean of the expert's action-token outputs, queried at (x = 0, t = 1) so the value depends on the
-    observation only; pi0.5 style ("vlm"): mean of the VLM prefix output; "expert_state" appends pi0's normalised,
-    padded state. -> [N, W]"""
+    """The critic's input -> [N, W]. "expert" (pi0): mean of the expert's action-token outputs at (x = 0, t = 1), so
+    it sees the observation only; "vlm" (pi0.5): mean of the VLM prefix output; "expert_state": pi0's plus the state."""
     if args.critic_input == "vlm":
         return prefix.features.float()
     if args.critic_input == "expert_state" and prefix.state is None:
-        raise ValueError("--critic-input expert_state needs pi0's state token; pi0.5 writes the state into the "
+        raise UsageError("--critic-input expert_state needs pi0's state token; pi0.5 writes the state into the "
                          "prompt: use expert or vlm")
     N, H, D = prefix.mask.shape[0], policy.spec["chunk_size"], policy.spec["max_action_dim"]
     with torch.set_grad_enabled(torch.is_grad_enabled() and not args.critic_detach):
@@ -702,24 +654,20 @@ def critic_features(policy, prefix, args) -> torch.Tensor:
 
 
 def critic_feature_dim(policy, args) -> int:
-    """Width W of critic_features' output."""
-    spec = policy.spec
-    return {"vlm": spec["text_hidden"], "expert": spec["expert_hidden"],
-            "expert_state": spec["expert_hidden"] + spec["max_state_dim"]}[args.critic_input]
+    s = policy.spec
+    return {"vlm": s["text_hidden"], "expert": s["expert_hidden"],
+            "expert_state": s["expert_hidden"] + s["max_state_dim"]}[args.critic_input]
 
 
 def compute_gae(rewards, values, dones, final_values, next_value, gamma, lam):
     """GAE over decision points. rewards, values, dones, final_values: [T, N]; dones[t] = 1 when the episode ended
     inside chunk t; final_values[t] = V(last observation) when it ended by the time limit (bootstrap), 0 when it
     terminated; next_value [N] = V(observation after the last chunk). -> advantages, returns [T, N]."""
-    T = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(next_value)
-    for t in reversed(range(T)):
-        nxt = next_value if t == T - 1 else values[t + 1]
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(next_value)
+    for t in reversed(range(len(rewards))):
         not_done = 1.0 - dones[t]
-        delta = rewards[t] + gamma * (not_done * nxt + final_values[t]) - values[t]
-        last = delta + gamma * lam * not_done * last
+        nxt = next_value if t == len(rewards) - 1 else values[t + 1]
+        last = rewards[t] + gamma * (not_done * nxt + final_values[t]) - values[t] + gamma * lam * not_done * last
         advantages[t] = last
     return advantages, advantages + values
 
@@ -739,9 +687,8 @@ def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, 
 
 def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank=0, world=1) -> dict:
     """Fixed-seed episodes run to the time limit (terminations ignored), executing the first C actions of each
-    chunk. Round r (envs.num_envs episodes: seeds eval_seed + r * num_envs + i, sampling noise seeded with r) runs
-    on rank r % world, so the episodes do not depend on the number of ranks.
-    -> mean success_once, success_at_end, return, episode_len over all ranks' episodes."""
+    chunk. Round r (seeds eval_seed + r * num_envs + i, sampling noise seeded with r) runs on rank r % world, so the
+    episodes do not depend on the number of ranks. -> means of the episode metrics over all ranks' episodes."""
     policy.eval()
     prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
     results, frames = {}, []
@@ -750,18 +697,17 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank
         # scenes rebuilt at each evaluation's start: one policy scores the same at every evaluation, as on new envs
         obs = envs.reset(seed=args.eval_seed + r * envs.num_envs, rebuild=r == rank)
         keep = min(envs.num_envs, num_episodes - r * envs.num_envs)  # the last round may be partly surplus
-        finished = False
-        while not finished:
+        info = {"episode": {}}
+        while not info["episode"]:  # all envs reach the time limit together
             chunk = sample_actions(policy, normalizer, obs, prompts, args.denoise_steps, envs.action_dim, gen)
             for c in range(args.action_chunk):
                 obs, _, _, _, info = envs.step(chunk[:, c])
                 if video_path is not None and r == 0:
                     frames.append(envs.render())
-                if info["episode"]:  # all envs reach the time limit together
-                    for k, v in info["episode"].items():
-                        results.setdefault(k, []).append(v[:keep].float().cpu())
-                    finished = True
+                if info["episode"]:
                     break
+        for k, v in info["episode"].items():
+            results.setdefault(k, []).append(v[:keep].float().cpu())
     if frames:
         import imageio
         Path(video_path).parent.mkdir(parents=True, exist_ok=True)
@@ -769,116 +715,67 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank
     return episode_means(results)
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
-    """AdamW state as flat tensors (for safetensors) + its param groups (for JSON)."""
-    sd = opt.state_dict()
-    return {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}, sd["param_groups"]
+# ================================================================================================ checks, checkpoints
+def check_args(args: Args):
+    """Reject bad options before anything slow starts (no env built, no model loaded): counts, bounds, choices,
+    sizes that divide, and from the checkpoint's JSON files alone the policy's chunk length and task."""
+    def need(ok: bool, k: str, what: str):
+        if not ok:
+            raise UsageError(f"--{k.replace('_', '-')} {getattr(args, k)}: {what}")
+    check_env_args(args)  # --env-id, --sim-backend, --num-eval-envs, --max-episode-steps, --env-workers
+    at_least_0 = ("eval_every", "eval_episodes", "critic_warmup_iters")  # 0: only at both ends, none, no warm-up
+    for k in ("num_envs", "num_steps", "total_iterations", "update_epochs", "num_minibatches", "denoise_steps",
+              "action_chunk", "save_every", "update_threads", "micro_batch_size", *at_least_0):  # None: the default
+        v, least = getattr(args, k), 0 if k in at_least_0 else 1
+        need(v is None or v >= least, k, f"must be at least {least} (the default is {getattr(Args, k)})")
+    for k in ("sigma_min", "sigma_max", "clip_coef", "time_budget_min"):
+        v = getattr(args, k)
+        need(v is None or v > 0, k, f"must be positive (the default is {getattr(Args, k)})")
+    need(args.sigma_min < args.sigma_max, "sigma_min", f"must be below --sigma-max {args.sigma_max} (the defaults "
+         f"are {Args.sigma_min} and {Args.sigma_max})")
+    for k, choices in (("logprob_reduction", ("mean", "sum")), ("ratio_level", ("chunk", "token")),
+                       ("critic_input", ("expert", "vlm", "expert_state")), ("vlm_dtype", ("auto", "bfloat16",
+                        "float32")), ("reward_mode", ("normalized_dense", "dense", "sparse"))):
+        need(getattr(args, k) in choices, k, "choose one of " + ", ".join(choices))
+    env_id, world = resolve_env_id(args.env_id)[1], int(os.environ.get("WORLD_SIZE", 1))
+    need(args.num_envs % world == 0, "num_envs", f"does not split over {world} ranks: use a multiple of {world}")
+    n = args.num_envs // world * args.num_steps
+    batch = f"the batch of {n} decisions per iteration (num_envs {args.num_envs // world} x num_steps {args.num_steps})"
+    need(args.num_minibatches <= n, "num_minibatches", f"more minibatches than {batch}; use at most {n}")
+    need(n % args.num_minibatches == 0, "num_minibatches", f"{batch} does not split into {args.num_minibatches} "
+         f"equal minibatches; use a divisor of {n}")
+    run_dir = Path(args.output_dir or f"runs/flow_noise_ppo/{env_id}_{args.seed}")
+    ckpt = run_dir / "checkpoint" if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
+    ckpt = ckpt if ckpt.is_dir() else Path(f"{ckpt}.old")  # where a save killed between its renames left it
+    if (ckpt / "config.json").is_file():
+        horizon = vla.VLAConfig(**vla.checkpoint.read_json(ckpt / "config.json")).spec()["chunk_size"]
+        need(args.action_chunk <= horizon, "action_chunk", f"exceeds the policy's chunk size {horizon} ({ckpt}); use "
+             f"at most {horizon}")
+    trained_for = vla.checkpoint.read_json(ckpt / "meta.json").get("env_id") if (ckpt / "meta.json").is_file() else None
+    if not args.resume and trained_for not in (None, env_id):
+        raise UsageError(f"{ckpt} was trained for {trained_for}, not --env-id {args.env_id}: train one with `python "
+                         f"sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one")
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list):
-    if len(groups) != len(opt.param_groups):
-        raise ValueError(f"--resume: the checkpoint's optimizer has {len(groups)} parameter groups, this script's has "
-                         f"{len(opt.param_groups)} (the noise head's own group came with --noise-head-lr): "
-                         "start a new run from its policy with --checkpoint <its checkpoint dir> (the critic, noise "
-                         "head and optimizer start afresh)")
-    state = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ================================================================================================ distributed
-# `torchrun --nproc-per-node N flow_noise_ppo.py` starts N copies of this script. Each rank owns one GPU (or one CPU
-# process with the gloo backend), num_envs / N envs and its own seeds; after every backward the ranks average their
-# gradients, so their parameters stay identical. Metrics are reduced over ranks; only rank 0 logs and saves.
-def init_distributed() -> tuple[int, int, torch.device]:
-    """-> rank, world size, device. A plain `python` run is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """x combined over ranks (a new tensor on x's device); x itself with one rank."""
-    if not distributed():
-        return x
-    y = x.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(y, op=op)
-    return y.to(x.device)
-
-
-def broadcast_parameters(params: list[torch.Tensor]):
-    """Rank 0's values on every rank (random initialisations differ between ranks)."""
-    if distributed():
-        for p in params:
-            buf = p.data.to("cpu") if dist.get_backend() == "gloo" else p.data
-            dist.broadcast(buf, 0)
-            p.data.copy_(buf)
-
-
-def average_gradients(params: list[torch.Tensor]):
-    """What DDP does after backward, written out because the policy is called through encode_prefix / velocity,
-    not through the forward() that DDP wraps: all gradients in one flat buffer, summed over ranks, / world size."""
-    if not distributed():
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    flat = all_reduce(flat) / dist.get_world_size()  # [trainable parameters]
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-
-
-EPISODE_KEYS = ("success_once", "success_at_end", "return", "episode_len")
-
-
-def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Mean of each episode metric over every rank's finished episodes (sums and counts are all-reduced)."""
-    sums = torch.zeros(len(EPISODE_KEYS), 2, dtype=torch.float64)  # [metric, (sum, count)]
-    for i, k in enumerate(EPISODE_KEYS):
-        if episodes.get(k):
-            v = torch.cat(episodes[k]).double()
-            sums[i] = torch.stack([v.sum(), v.new_tensor(float(v.numel()))])
-    sums = all_reduce(sums)
-    return {k: (s / n).item() for k, (s, n) in zip(EPISODE_KEYS, sums) if n > 0}
-
-
-def mean_over_ranks(row: dict[str, float]) -> dict[str, float]:
-    """Every value averaged over ranks (all ranks hold the same keys)."""
-    if not distributed():
-        return row
-    keys = sorted(row)
-    values = all_reduce(torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)) / dist.get_world_size()
-    return dict(zip(keys, values.tolist()))
-
-
-# ================================================================================================ main
-def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
-    """The SFT checkpoint (or this run's own, to resume) -> policy (its VLM in vlm_dtype), normaliser, extra
-    tensors, meta, path."""
-    path = resume_dir if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
-    if not path.is_dir() and not Path(f"{path}.old").is_dir():
-        if args.resume:
-            raise FileNotFoundError(f"--resume: no checkpoint at {path} (is --output-dir the run's directory?)")
-        raise FileNotFoundError(f"no SFT checkpoint at {path}: run `python sft_baseline.py --env-id {args.env_id}` "
-                                "first, or pass --checkpoint")
-    policy, normalizer, extra, meta = vla.load_checkpoint(path, vlm_dtype=vlm_dtype)
-    if normalizer is None:
-        raise ValueError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
-    args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
-    args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
-    if args.resume:
-        check_resumed_options(args, meta.get("args", {}))
-    return policy, normalizer, extra, meta, path
+def resume_point(args, run_dir: Path) -> int | None:
+    """--resume: the checkpoint's iteration, after dropping the metrics rows that a killed run logged past it (and a
+    line the kill cut short) through a temporary file; None, saying so, when the run already ended there."""
+    meta_file, metrics = run_dir / "checkpoint" / "meta.json", run_dir / "metrics.jsonl"
+    if not meta_file.is_file():
+        return 0  # load_policy says what is missing
+    meta, is_main = vla.checkpoint.read_json(meta_file), os.environ.get("RANK", "0") == "0"
+    at = meta["iteration"]
+    if at >= args.total_iterations or meta["train_time"] >= 60 * (args.time_budget_min or math.inf):
+        if is_main:
+            print(f"{run_dir} already finished at iteration {at} of {args.total_iterations}: raise "
+                  "--total-iterations (or --time-budget-min) to continue")
+        return None
+    if is_main:
+        rows = [r for r in metrics.read_text().splitlines() if r.endswith("}")] if metrics.exists() else []
+        metrics.with_suffix(".tmp").write_text("".join(r + "\n" for r in rows if json.loads(r)["iteration"] <= at))
+        os.replace(metrics.with_suffix(".tmp"), metrics)
+        print(f"resuming {run_dir} from iteration {at}")
+    return at
 
 
 # --resume may change how long the run goes on, how often it evaluates and saves, and how it executes; a change to
@@ -891,68 +788,64 @@ RESUME_FIXED = ("env_id", "task_ids", "obs_mode", "control_mode", "reward_mode",
                 "action_chunk", "denoise_steps", "critic_input")
 
 
-def check_resumed_options(args, saved: dict):
-    """Compare the options given to --resume with the run's own (the checkpoint's meta): refuse a changed task,
-    episode or chain, print the other changes."""
-    now = json.loads(json.dumps(asdict(args)))  # tuples become lists, as in the checkpoint's JSON
-    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in RESUME_FREE}
-    flag = lambda k: "--" + k.replace("_", "-")
-    fixed = [k for k in RESUME_FIXED if k in changed]
-    if fixed:
-        raise ValueError("--resume: " + "; ".join(f"the run has {flag(k)} {changed[k][0]}, not {changed[k][1]}"
-                                                  for k in fixed)
-                         + ": pass the run's values again (to change them, start a new run)")
-    if changed:
-        print("--resume with changed options: " + ", ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
+def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
+    """The SFT checkpoint (or this run's own, to resume, refusing a changed task, episode or chain and printing other
+    changed options) -> policy (VLM in vlm_dtype), normaliser, extra tensors, meta, path."""
+    path = resume_dir if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
+    if not path.is_dir() and not Path(f"{path}.old").is_dir():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (is --output-dir the run's directory?)"
+                                if args.resume else f"no SFT checkpoint at {path}: run `python sft_baseline.py "
+                                f"--env-id {args.env_id}` first, or pass --checkpoint")
+    policy, normalizer, extra, meta = vla.load_checkpoint(path, vlm_dtype=vlm_dtype)
+    if normalizer is None:
+        raise UsageError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
+    args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
+    args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
+    if args.resume:  # the run's own options, saved in its checkpoint (tuples as JSON lists)
+        saved, now = meta.get("args", {}), json.loads(json.dumps(asdict(args)))
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in RESUME_FREE}
+        flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+        if fixed := [k for k in RESUME_FIXED if k in changed]:
+            raise UsageError("--resume: " + "; ".join(f"the run has {flag(k)} {changed[k][0]}, not {changed[k][1]}"
+                                                      for k in fixed) + ": pass the run's values again (to change "
+                             "them, start a new run)")
+        if changed:
+            print("--resume with changed options: " + ", ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in
+                                                                changed.items()))
+    return policy, normalizer, extra, meta, path
 
 
+# ================================================================================================ main
 def main(args: Args):
     """Train; -> the last evaluation's metrics, the policy, the noise head and the critic."""
+    check_args(args)
     kind, env_id = resolve_env_id(args.env_id)
-    if args.ratio_level not in ("chunk", "token") or args.critic_input not in ("expert", "vlm", "expert_state"):
-        raise ValueError("--ratio-level must be chunk|token and --critic-input expert|vlm|expert_state")
-    if args.logprob_reduction not in ("sum", "mean") or not 0 < args.sigma_min <= args.sigma_max:
-        raise ValueError("--logprob-reduction must be sum|mean and 0 < --sigma-min <= --sigma-max")
-    if args.vlm_dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"--vlm-dtype {args.vlm_dtype!r}: choose auto, bfloat16 or float32")
-    rank, world, device = init_distributed()
-    if args.update_threads is not None and args.update_threads < 1:
-        raise ValueError(f"--update-threads {args.update_threads} must be at least 1 (omit it for the cores per rank)")
-    update_threads = args.update_threads or max(1, (os.cpu_count() or 1) // world)
-    is_main = rank == 0
-    if args.num_envs % world:
-        raise ValueError(f"--num-envs {args.num_envs} does not split over {world} ranks: use a multiple of {world}")
-    N = args.num_envs // world  # this rank's envs
-    batch_size = N * args.num_steps
-    if args.num_minibatches < 1 or batch_size % args.num_minibatches:
-        raise ValueError(f"the batch of {batch_size} decisions (per rank: num_envs {N} x num_steps "
-                         f"{args.num_steps}) does not split into {args.num_minibatches} equal minibatches")
-    minibatch_size = batch_size // args.num_minibatches
-    if args.micro_batch_size is not None and args.micro_batch_size < 1:
-        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must be at least 1")
-    micro_size = min(args.micro_batch_size or minibatch_size, minibatch_size)
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     run_dir = Path(args.output_dir or f"runs/flow_noise_ppo/{env_id}_{args.seed}")
     ckpt_dir = run_dir / "checkpoint"
+    if args.resume and resume_point(args, run_dir) is None:
+        return {}, None, None, None
+    rank, world, device = init_distributed()
+    is_main, N = rank == 0, args.num_envs // world  # N: this rank's envs
+    T, C, K = args.num_steps, args.action_chunk, args.denoise_steps
+    minibatch_size = N * T // args.num_minibatches
+    micro_size = min(args.micro_batch_size or minibatch_size, minibatch_size)
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
 
-    # ---- policy (frozen VLM), critic, optimiser: from the SFT checkpoint or resumed from this run's
+    # ---- policy (frozen VLM), critic, noise head, optimiser: from the SFT checkpoint or resumed from this run's
     bf16 = args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda")
     vlm_dtype = torch.bfloat16 if bf16 else None
     policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir, vlm_dtype)
-    if args.action_chunk > policy.spec["chunk_size"]:
-        raise ValueError(f"--action-chunk {args.action_chunk} exceeds the policy's chunk size {policy.spec['chunk_size']}")
-    dense = kind == "maniskill" and args.reward_mode != "sparse"
-    envs = make_envs(args, N, ignore_terminations=dense, device=device)
+    envs = make_envs(args, N, ignore_terminations=kind == "maniskill" and args.reward_mode != "sparse", device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
-    A = envs.action_dim
+    A, H, D = envs.action_dim, policy.spec["chunk_size"], policy.spec["max_action_dim"]
+    other_task = (f": use a checkpoint trained for this env and control mode (train one with `python sft_baseline.py "
+                  f"--env-id {args.env_id}`, or pass --checkpoint of one)")
     if policy.config.action_dim != A:
-        raise ValueError(f"{source} outputs {policy.config.action_dim}-D actions but {env_id} with "
-                         f"{args.control_mode} takes {A}-D: use a checkpoint trained for this env and control mode")
+        raise UsageError(f"{source} outputs {policy.config.action_dim}-D actions but {env_id} with "
+                         f"{args.control_mode} takes {A}-D" + other_task)
     policy.to(device).freeze_vlm(dtype=vlm_dtype).expert_checkpointing(args.grad_checkpointing)
     critic = Critic(critic_feature_dim(policy, args)).to(device)
-    noise_head = NoiseHead(policy.spec["expert_hidden"], policy.spec["max_action_dim"], args.sigma_min,
-                           args.sigma_max).to(device)
-    actor_params = lambda: policy.trainable_parameters() + list(noise_head.parameters())  # noqa: E731
+    noise_head = NoiseHead(policy.spec["expert_hidden"], D, args.sigma_min, args.sigma_max).to(device)
     head_lr = args.lr if args.noise_head_lr is None else args.noise_head_lr
     # param groups: 0 the expert (actor), 1 the critic, 2 the noise head (its own --noise-head-lr)
     opt = torch.optim.AdamW([{"params": policy.trainable_parameters(), "lr": args.lr},
@@ -960,13 +853,25 @@ def main(args: Args):
                              {"params": noise_head.parameters(), "lr": head_lr}], betas=(0.9, 0.95), weight_decay=0.0)
     start_iter, global_step, train_time = 0, 0, 0.0
     if args.resume:
-        critic.load_state_dict({k[len("critic."):]: v for k, v in extra.items() if k.startswith("critic.")})
-        noise_head.load_state_dict({k[len("noise_head."):]: v for k, v in extra.items() if k.startswith("noise_head.")})
-        load_optimizer(opt, extra, meta["optimizer"])
+        if len(meta["optimizer"]) != len(opt.param_groups):
+            raise UsageError(f"--resume: the checkpoint's optimizer has {len(meta['optimizer'])} parameter groups, "
+                             f"this script's has {len(opt.param_groups)} (the noise head's own group came with "
+                             "--noise-head-lr): start a new run from its policy with --checkpoint <its directory> "
+                             "(a new critic, noise head and optimizer)")
+        for name, module in (("critic", critic), ("noise_head", noise_head)):
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in extra.items() if k.startswith(name + ".")})
+        adam = defaultdict(dict)  # save() wrote AdamW's state as tensors optim.<param>.<key>
+        for key in (k for k in extra if k.startswith("optim.")):
+            _, i, name = key.split(".", 2)
+            adam[int(i)][name] = extra[key]
+        opt.load_state_dict({"state": dict(adam), "param_groups": meta["optimizer"]})
         start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
-    params = actor_params() + list(critic.parameters())
+    params = policy.trainable_parameters() + list(noise_head.parameters()) + list(critic.parameters())
     broadcast_parameters(params)
-
+    if is_main and start_iter < (w := args.critic_warmup_iters):
+        never = f": with --total-iterations {args.total_iterations} the actor never trains"
+        print(f"iterations {start_iter + 1}-{min(w, args.total_iterations)} train only the critic (actor frozen, "
+              f"--critic-warmup-iters {w})" + (never if args.total_iterations <= w else ""))
     if args.track and is_main:
         import wandb
         wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
@@ -974,41 +879,40 @@ def main(args: Args):
     metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
 
     def log(row: dict):
-        if not is_main:
-            return
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        if args.track:
-            wandb.log(row, step=row["global_step"])
+        if is_main:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            if args.track:
+                wandb.log(row, step=row["global_step"])
 
     def save(iteration):
-        if not is_main:
-            return
-        opt_tensors, groups = optimizer_tensors(opt)
+        sd = opt.state_dict()  # AdamW's state as flat tensors (for safetensors), its param groups in the meta
         extra = {**{f"critic.{k}": v for k, v in critic.state_dict().items()},
-                 **{f"noise_head.{k}": v for k, v in noise_head.state_dict().items()}, **opt_tensors}
+                 **{f"noise_head.{k}": v for k, v in noise_head.state_dict().items()},
+                 **{f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}}
         vla.save_checkpoint(ckpt_dir, policy, normalizer, extra, {
-            "iteration": iteration, "global_step": global_step, "train_time": train_time, "optimizer": groups,
-            "args": asdict(args), "env_id": env_id, "obs_mode": args.obs_mode, "control_mode": args.control_mode,
-            "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
+            "iteration": iteration, "global_step": global_step, "train_time": train_time,
+            "optimizer": sd["param_groups"], "args": asdict(args), "env_id": env_id, "obs_mode": args.obs_mode,
+            "control_mode": args.control_mode, "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
             "sft_checkpoint": meta.get("sft_checkpoint", str(source))})
 
     def run_eval(iteration):
-        video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video else None
-        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video if is_main else None, rank, world)
+        video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video and is_main else None
+        m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video, rank, world)
         log({"iteration": iteration, "global_step": global_step, "train_time": train_time,
              **{f"eval/{k}": v for k, v in m.items()}})
         if is_main:
             tqdm.write(f"iter {iteration} step {global_step}: eval success_once {m['success_once']:.3f} "
-                   f"success_at_end {m['success_at_end']:.3f}")
+                       f"success_at_end {m['success_at_end']:.3f}")
         return m
 
     # ---- rollout storage: one row per decision point (action chunk)
-    T, C, K = args.num_steps, args.action_chunk, args.denoise_steps
-    H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
     prompts = getattr(envs, "prompts", [envs.prompt] * N)
     # Training seeds never overlap the eval seeds (from 10_000) nor another rank's.
     obs = envs.reset(seed=args.seed * 1_000_003 + rank * 100_003 + start_iter)
+    if obs["state"].shape[1] != policy.config.state_dim:
+        raise UsageError(f"{source} takes {policy.config.state_dim}-D states but {env_id} with --obs-mode "
+                         f"{args.obs_mode} gives {obs['state'].shape[1]}-D" + other_task)
     images_on = obs["images"] is not None
     obs_state = torch.zeros(T, N, obs["state"].shape[1], device=device)  # [T, N, state_dim]
     obs_images = torch.zeros(T, N, *obs["images"].shape[1:], dtype=torch.uint8, device=device) if images_on else None
@@ -1022,12 +926,11 @@ def main(args: Args):
         return critic(critic_features(policy, prefix, args))
 
     eval_metrics = run_eval(0) if args.eval_episodes > 0 and start_iter == 0 else {}  # the SFT policy
-    bar = tqdm(range(start_iter, args.total_iterations), initial=start_iter, total=args.total_iterations, desc="ppo",
-               disable=not is_main)
-    for iteration in bar:
+    bar = tqdm(initial=start_iter, total=args.total_iterations, desc="ppo", disable=not is_main)
+    for iteration in range(start_iter, args.total_iterations):
         # ---- rollout
         policy.eval()
-        t0, episodes, prefixes = time.time(), {}, []
+        t0, episodes, prefixes = time.time(), defaultdict(list), []
         for step in range(T):
             obs_state[step] = obs["state"]
             if images_on:
@@ -1039,8 +942,7 @@ def main(args: Args):
                 values[step] = critic(critic_features(policy, prefix, args))
                 chains[step], terms = sample_chain(policy, noise_head, prefix, args, A)
                 logprobs[step] = reduce_terms(terms, args.logprob_reduction)
-                chunk = chains[step, :, K]
-            actions = normalizer.unnormalize("actions", chunk[:, :C, :A])  # [N, C, A]
+            actions = normalizer.unnormalize("actions", chains[step, :, K, :C, :A])  # [N, C, A]
             alive = torch.ones(N, dtype=torch.bool, device=device)
             truncated = torch.zeros(N, dtype=torch.bool, device=device)
             final = {k: None if v is None else v.clone() for k, v in obs.items()}
@@ -1056,7 +958,7 @@ def main(args: Args):
                         v[ended] = info["final_obs"][k][ended]
                 truncated |= trunc & ~term & alive
                 for k, v in info["episode"].items():
-                    episodes.setdefault(k, []).append(v[term | trunc].float().cpu())
+                    episodes[k].append(v[term | trunc].float().cpu())
                 alive &= ~ended
             global_step += N * C * world
             rewards[step], dones[step] = reward, (~alive).float()
@@ -1076,24 +978,26 @@ def main(args: Args):
         # ---- PPO update: recompute all K transitions of each stored chain
         t1 = time.time()
         rollout_threads = torch.get_num_threads()
-        torch.set_num_threads(update_threads)  # the env workers wait during the update: their cores are free
+        # the env workers wait during the update: their cores are free
+        torch.set_num_threads(args.update_threads or max(1, (os.cpu_count() or 1) // world))
         policy.train()
         progress = iteration / args.total_iterations  # share of the run done, in iterations or in time
         if args.time_budget_min is not None:
             progress = max(progress, train_time / (60 * args.time_budget_min))
         scale = 0.0 if iteration < args.critic_warmup_iters else max(1.0 - progress, 0.0) if args.anneal_lr else 1.0
         opt.param_groups[0]["lr"], opt.param_groups[2]["lr"] = args.lr * scale, head_lr * scale
-        b = lambda x: x.reshape(T * N, *x.shape[2:])
-        b_state, b_chain = b(obs_state), b(chains)
-        b_images = b(obs_images) if images_on else None
-        b_logp, b_adv, b_ret, b_val = b(logprobs), b(advantages), b(returns), b(values)
-        b_prefix = vla.Prefix.cat(prefixes) if len(prefixes) == T else None  # row i: step i // N, env i % N
+        # [T, N, ...] -> [T * N, ...]: row i is env i % N
+        batch = {k: v.reshape(T * N, *v.shape[2:]) for k, v in (("state", obs_state), ("chain", chains),
+                 ("old_logp", logprobs), ("adv", advantages), ("ret", returns), ("old_value", values))}
+        b_images = obs_images.reshape(T * N, *obs_images.shape[2:]) if images_on else None
+        b_prefix = vla.Prefix.cat(prefixes) if len(prefixes) == T else None
         prefixes.clear()
         # advantages normalised over all ranks' decisions: sum, sum of squares, count
+        b_adv = batch["adv"]
         s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), b_adv.new_tensor(float(b_adv.numel()))])
                               .double()).tolist()
-        b_adv = (b_adv - s / n) / (math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)) + 1e-8)
-        stats, epochs_run = {}, 0
+        batch["adv"] = (b_adv - s / n) / (math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)) + 1e-8)
+        stats, epochs_run = defaultdict(list), 0
         for epoch in range(args.update_epochs):
             epochs_run = epoch + 1  # fewer than update_epochs when --target-kl stops the update
             perm = torch.randperm(T * N, device=device)
@@ -1101,22 +1005,22 @@ def main(args: Args):
                 mb = perm[start:start + minibatch_size]
                 opt.zero_grad(set_to_none=True)
                 for micro in mb.split(micro_size):  # gradient accumulation over micro-batches
-                    loss, mb_stats = ppo_loss(policy, noise_head, critic, normalizer, args, A, state=b_state[micro],
+                    loss, mb_stats = ppo_loss(policy, noise_head, critic, normalizer, args, A,
                                               images=b_images[micro] if images_on else None,
-                                              prompts=[prompts[i % N] for i in micro.tolist()],  # row i: env i % N
-                                              chain=b_chain[micro], old_logp=b_logp[micro], adv=b_adv[micro],
-                                              ret=b_ret[micro], old_value=b_val[micro],
-                                              prefix=None if b_prefix is None else b_prefix.select(micro))
+                                              prompts=[prompts[i % N] for i in micro.tolist()],
+                                              prefix=None if b_prefix is None else b_prefix.select(micro),
+                                              **{k: v[micro] for k, v in batch.items()})
                     (loss * len(micro) / len(mb)).backward()
                     for k, v in mb_stats.items():
-                        stats.setdefault(k, []).append(v)
+                        stats[k].append(v)
                 average_gradients(params)
                 grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 if not torch.isfinite(grad_norm):  # the same on every rank: gradients were averaged
-                    raise FloatingPointError(f"non-finite loss or gradient at iteration {iteration}; the last good "
-                                             f"checkpoint is in {ckpt_dir}")
+                    raise FloatingPointError(f"non-finite loss or gradient at iteration {iteration}; " + (
+                        f"the last good checkpoint is in {ckpt_dir}" if ckpt_dir.is_dir()
+                        else "no checkpoint was written yet"))
                 opt.step()
-                stats.setdefault("grad_norm", []).append(grad_norm.item())
+                stats["grad_norm"].append(grad_norm.item())
             n_recent = args.num_minibatches * math.ceil(minibatch_size / micro_size)
             kl = all_reduce(torch.tensor(float(np.mean(stats["approx_kl"][-n_recent:])))).item() / world
             if args.target_kl is not None and kl > args.target_kl:  # every rank takes the same decision
@@ -1125,6 +1029,7 @@ def main(args: Args):
         update_time = time.time() - t1
         train_time += all_reduce(torch.tensor(rollout_time + update_time)).item() / world  # same on every rank
 
+        b_ret, b_val = batch["ret"], batch["old_value"]
         var_y = b_ret.var()
         row = mean_over_ranks({
             "rollout_sps": N * C * T / rollout_time * world,  # averaged over ranks: the total
@@ -1136,16 +1041,17 @@ def main(args: Args):
         row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time, **row,
                **{f"train/{k}": v for k, v in episode_means(episodes).items()}}
         log(row)
+        bar.update(1)
         bar.set_postfix(success=f"{row.get('train/success_once', float('nan')):.2f}", kl=f"{row['approx_kl']:.4f}")
         done = iteration + 1 == args.total_iterations or (args.time_budget_min is not None
                                                            and train_time >= 60 * args.time_budget_min)
         if args.eval_episodes > 0 and (done or (args.eval_every and (iteration + 1) % args.eval_every == 0)):
             eval_metrics = run_eval(iteration + 1)
-        if done or (iteration + 1) % args.save_every == 0:
+        if is_main and (done or (iteration + 1) % args.save_every == 0):
             save(iteration + 1)
         if done:
             break
-    envs.close(), eval_envs.close()
+    bar.close(), envs.close(), eval_envs.close()
     if is_main:
         metrics_file.close()
     if dist.is_initialized():
@@ -1154,4 +1060,8 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (UsageError, vla.CheckpointError) as e:  # the user's mistake: one line, argparse's exit status
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

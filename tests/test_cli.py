@@ -20,15 +20,26 @@ SCRIPTS = [sft_baseline, flow_sde_ppo, flow_noise_ppo, flow_grpo]
 
 
 def field_docstrings(cls) -> dict[str, str | None]:
-    """name -> the string literal right after the field in the class body (None where there is none)."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
+    """name -> the field's help as tyro reads it: the string literal right after the field, else its inline comment,
+    else the comment lines right above it (None where there is none)."""
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    body = ast.parse(source).body[0].body
     docs = {}
     for i, node in enumerate(body):
         if isinstance(node, ast.AnnAssign):
             after = body[i + 1] if i + 1 < len(body) else None
-            is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
-                and isinstance(after.value.value, str)
-            docs[node.target.id] = after.value.value if is_doc else None
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                    and isinstance(after.value.value, str):
+                docs[node.target.id] = after.value.value
+                continue
+            line = lines[node.lineno - 1]
+            inline = line.split("  # ", 1)[1] if "  # " in line else None
+            above, j = [], node.lineno - 2
+            while j >= 0 and lines[j].strip().startswith("#"):
+                above.insert(0, lines[j].strip().lstrip("#").strip())
+                j -= 1
+            docs[node.target.id] = inline or (" ".join(above) if above else None)
     return docs
 
 

@@ -3,6 +3,10 @@
 import contextlib
 import importlib
 import json
+import re
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,11 +14,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import tyro
 
 import sft_baseline as sft
 import vla
 
 CTRL = "pd_ee_delta_pose"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +84,58 @@ def test_flow_matching_loss_target_mask_and_padding():
     oracle.bump = 2.0
     expected = 2.0 ** 2 / 3 / mask.sum()  # squared error averaged over 3 dims, then over valid steps
     torch.testing.assert_close(sft.flow_matching_loss(oracle, None, None, None, actions, mask), expected)
+
+
+def test_flow_matching_time_distribution(monkeypatch):
+    """t ~ 0.001 + 0.999 Beta(1.5, 1): mean 0.6004 (a uniform t would have 0.5), and Beta's 0 and 1 map to 0.001
+    (the path's clean end is never trained at exactly t = 0) and 1."""
+    seen = []
+
+    class Recorder:
+        spec = {"max_action_dim": 2}
+
+        def encode_prefix(self, *args):
+            return None
+
+        def velocity(self, prefix, x_t, t):
+            seen.append(t)
+            return torch.zeros_like(x_t), None
+
+    torch.manual_seed(0)
+    sft.flow_matching_loss(Recorder(), None, None, None, torch.zeros(8000, 1, 2), torch.ones(8000, 1))
+    t = seen[0]
+    assert t.shape == (8000,) and t.min() >= 0.001 and t.max() <= 1.0
+    assert abs(t.mean().item() - 0.6004) < 0.01 and abs(t.var().item() - 0.999 ** 2 * 1.5 / (2.5 ** 2 * 3.5)) < 0.005
+    monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self, shape: torch.tensor([0.0, 1.0]))
+    sft.flow_matching_loss(Recorder(), None, None, None, torch.zeros(2, 1, 2), torch.ones(2, 1))
+    torch.testing.assert_close(seen[1], torch.tensor([0.001, 1.0]))
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sample_actions_integrates_a_straight_flow_exactly(steps):
+    """With the exact velocity of the straight path to a chunk a, v(x, t) = (x - a) / t, K Euler steps from noise
+    at t = 1 to t = 0 land on a exactly, whatever K: the sign, step size and time grid of the ODE are right."""
+    a = torch.randn(3, 8, 5)
+
+    class Straight:
+        spec = {"chunk_size": 8, "max_action_dim": 5}
+
+        def encode_prefix(self, *args):
+            return None
+
+        def velocity(self, prefix, x, t):
+            assert 0 < t <= 1
+            return (x - a) / t, None
+
+    class Identity:
+        def normalize(self, key, x):
+            return x
+
+        def unnormalize(self, key, x):
+            return x
+
+    out = sft.sample_actions(Straight(), Identity(), {"state": torch.zeros(3, 4), "images": None}, None, steps, 3)
+    torch.testing.assert_close(out, a[..., :3], atol=1e-5, rtol=1e-5)
 
 
 def test_make_chunks_pads_and_masks_episode_tails():
@@ -235,10 +293,10 @@ def test_sim_backend_errors_name_the_fix(module, monkeypatch):
 
     monkeypatch.setattr(sapien.physx, "enable_gpu", offline)
     with pytest.raises(RuntimeError, match=r"libPhysXGpu_64\.so.*--sim-backend physx_cpu"):
-        m.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, 10, True, cpu, gpu_sim=True)
+        m.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, 10, True, cpu, batched="physx_cuda")
 
 
-def test_end_to_end_smoke_and_resume(tmp_path, maniskill_demos):
+def test_end_to_end_smoke_and_resume(tmp_path, maniskill_demos, capsys, monkeypatch):
     args = small_args(tmp_path, demo_path=str(maniskill_demos))
     metrics, _ = sft.main(args)
     assert 0.0 <= metrics["success_once"] <= 1.0 and metrics["episode_len"] == 10
@@ -253,9 +311,22 @@ def test_end_to_end_smoke_and_resume(tmp_path, maniskill_demos):
     out = sft.evaluate(policy, norm, envs, args, 2)
     envs.close()
     assert set(out) >= {"success_once", "success_at_end"}
-    # Resume continues from step 4 to 6 with the saved optimiser state.
+    # Resume continues from step 4 to 6 with the saved optimiser state. A run killed after its checkpoint had logged
+    # steps 5 and 6 and half a row: the resumed run logs them again, and each step stands once in metrics.jsonl.
+    metrics = Path(args.output_dir) / "metrics.jsonl"
+    logged = metrics.read_text()
+    metrics.write_text(logged + json.dumps({"step": 5, "loss": 9.0}) + "\n" + '{"step": 6, "lo')
+    capsys.readouterr()
     sft.main(replace(args, train_steps=6, resume=True, eval_episodes=0))
     assert vla.load_checkpoint(ckpt)[3]["step"] == 6
+    assert f"resuming {args.output_dir} from step 4" in capsys.readouterr().out
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert metrics.read_text().startswith(logged) and [r["step"] for r in rows if "loss" in r] == [1, 4, 6]
+    # A finished run says so and builds nothing.
+    monkeypatch.setattr(sft, "make_envs", None)
+    monkeypatch.setattr(sft, "load_maniskill_demos", None)
+    sft.main(replace(args, train_steps=6, resume=True))
+    assert f"{args.output_dir} already finished at step 6 of 6: raise --train-steps" in capsys.readouterr().out
 
 
 def test_bad_inputs(tmp_path, maniskill_demos):
@@ -274,9 +345,9 @@ def test_bad_inputs(tmp_path, maniskill_demos):
         sft.load_maniskill_demos(raw, 2, "pd_joint_pos")
     with pytest.raises(ValueError, match="pass --demo-path"):
         sft.main(small_args(tmp_path, env_id="libero_spatial"))
-    with pytest.raises(ValueError, match="--action-chunk 17 exceeds --chunk-size 16"):
+    with pytest.raises(ValueError, match="--action-chunk 17: exceeds --chunk-size 16"):
         sft.main(small_args(tmp_path, action_chunk=17))
-    with pytest.raises(ValueError, match="--planner-joint-acc 0.0 must be positive"):
+    with pytest.raises(ValueError, match="--planner-joint-acc 0.0: must be positive"):
         sft.main(small_args(tmp_path, planner_joint_acc=0.0))
     # Demos whose action dim does not fit the env: pd_joint_pos demos (8-D) for a pd_ee_delta_pose env (7-D).
     # Fake the planner file as an 8-D-action file with state obs by adding obs to a copy.
@@ -295,6 +366,77 @@ def test_bad_inputs(tmp_path, maniskill_demos):
         f.create_group("other")
     with pytest.raises(ValueError, match="empty.hdf5 has no 'data' group"):
         sft.load_libero_demos(tmp_path / "empty.hdf5", 1)
+
+
+def a_checkpoint(run: Path, meta: str) -> Path:
+    """The JSON files of a PickCube checkpoint in run/checkpoint (what the options are checked against)."""
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "meta.json").write_text(meta)
+    (run / "checkpoint" / "config.json").write_text(json.dumps({"preset": "tiny", "action_dim": 7, "state_dim": 42,
+                                                                "overrides": {"chunk_size": 16}}))
+    return run
+
+
+BAD_OPTIONS = {  # options -> what the one-line error must say (a regular expression)
+    "no demos": (["--num-demos", "0"], "--num-demos 0: must be at least 1"),
+    "no denoise steps": (["--denoise-steps", "0"], "--denoise-steps 0: must be at least 1"),
+    "negative denoise steps": (["--denoise-steps", "-2"], "--denoise-steps -2: must be at least 1"),
+    "no training": (["--train-steps", "0"], "--train-steps 0: must be at least 1"),
+    "empty batch": (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    "chunk past the horizon": (["--action-chunk", "17"], "--action-chunk 17: exceeds --chunk-size 16"),
+    "zero learning rate": (["--lr", "0"], "--lr 0.0: must be positive"),
+    "unknown task": (["--env-id", "PickBall"], "unknown --env-id 'PickBall'"),
+    "no eval envs": (["--num-eval-envs", "0", "--eval-episodes", "4"], "--num-eval-envs 0: must be at least 1"),
+    "unknown simulator": (["--sim-backend", "gpu"], "--sim-backend 'gpu': choose auto, physx_cuda or physx_cpu"),
+    "missing demo file": (["--demo-path", "nope.h5"], "--demo-path nope.h5: no such file"),
+    "nothing to resume": (["--resume"], "--resume: no checkpoint in"),
+    "another task's checkpoint": (["--resume", "--env-id", "StackCube"],
+                                  "--env-id StackCube: .* trained on PickCube-v1; resume it with --env-id PickCube-v1"),
+    "another horizon": (["--resume", "--chunk-size", "8", "--action-chunk", "4"],
+                        "--chunk-size 8: .* predicts 16-step chunks; resume it with --chunk-size 16"),
+    "damaged checkpoint": (["--resume"], "meta.json is not valid JSON"),
+}
+
+
+def bad_run(tmp_path, case) -> list[str]:
+    """The command line of a BAD_OPTIONS case, with the checkpoint it needs written into its run directory."""
+    options, _ = BAD_OPTIONS[case]
+    run = tmp_path / "run"
+    if case in ("another task's checkpoint", "another horizon"):
+        a_checkpoint(run, json.dumps({"env_id": "PickCube-v1", "step": 3}))
+    elif case == "damaged checkpoint":
+        a_checkpoint(run, '{"env_id": "PickCube-v1", "st')
+    return [*options, "--output-dir", str(run)]
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_options_fail_fast_naming_the_option(case, tmp_path, monkeypatch):
+    """In this process (the command line parsed as the script parses it): each mistake stops main() with a one-line
+    error naming the option, before any demo, env or model is made."""
+    def never(*args, **kwargs):
+        raise AssertionError("reached past the option checks")
+
+    for name in ("init_distributed", "generate_maniskill_demos", "load_maniskill_demos", "load_libero_demos",
+                 "make_envs"):
+        monkeypatch.setattr(sft, name, never)
+    monkeypatch.setattr(vla, "build", never)
+    options, start = bad_run(tmp_path, case), time.time()
+    with pytest.raises((sft.UsageError, vla.CheckpointError)) as error:
+        sft.main(tyro.cli(sft.Args, args=options))
+    assert re.search(BAD_OPTIONS[case][1], str(error.value)) and "\n" not in str(error.value), str(error.value)
+    assert time.time() - start < 45 and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["no demos", "damaged checkpoint"])  # an option, and a damaged checkpoint
+def test_bad_options_exit_2_with_one_line(case, tmp_path):
+    """The script itself: exit status 2 and one `error:` line, no traceback; seconds, where building the envs alone
+    takes about a minute."""
+    start = time.time()
+    proc = subprocess.run([sys.executable, "sft_baseline.py", *bad_run(tmp_path, case)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and re.search(BAD_OPTIONS[case][1], proc.stderr), proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert time.time() - start < 45 and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.fixture(scope="module")
@@ -349,8 +491,6 @@ def test_rgb_mode_env_and_demo_reader(tmp_path, maniskill_demos):
     assert obs["images"].dtype == torch.uint8 and obs["images"].shape[:2] == (1, 1) and obs["images"].shape[-1] == 3
     assert obs["state"].shape == (1, 9)  # panda qpos
     envs.close()
-    import subprocess
-    import sys
     raw = maniskill_demos.parent / "mp3.h5"
     subprocess.run([sys.executable, "-m", "mani_skill.trajectory.replay_trajectory", "--traj-path", str(raw),
                     "-b", "physx_cpu", "-o", "rgb", "-c", CTRL, "--save-traj", "--count", "1"],
