@@ -69,3 +69,16 @@ def small_rl_args(module, tmp_path, **kw):
                  num_eval_envs=2, max_episode_steps=10, save_every=1, critic_warmup_iters=1)
     names = {f.name for f in fields(module.Args)}
     return replace(module.Args(), **{k: v for k, v in {**small, **kw}.items() if k in names})
+
+
+def assert_same(x, y, where=""):
+    """Nested dicts / tuples / lists of tensors (or None) equal entry by entry, dtype and device included."""
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            assert_same(x[k], y[k], f"{where}/{k}")
+    elif isinstance(x, (tuple, list)):
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
+            assert_same(u, v, f"{where}[{i}]")
+    else:
+        assert (x is None and y is None) or (x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)), where

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vla
-from conftest import small_rl_args, tiny_policy, write_sft_checkpoint
+from conftest import assert_same, small_rl_args, tiny_policy, write_sft_checkpoint
 
 CTRL = "pd_ee_delta_pose"
 CPU = torch.device("cpu")
@@ -153,18 +153,6 @@ def rollout(m, batched, obs_mode, max_steps, steps):
     out.append(envs.reset(seed=5))
     envs.close()
     return out
-
-
-def assert_same(x, y, where=""):
-    if isinstance(x, dict):
-        assert x.keys() == y.keys(), where
-        for k in x:
-            assert_same(x[k], y[k], f"{where}/{k}")
-    elif isinstance(x, (tuple, list)):
-        for i, (u, v) in enumerate(zip(x, y, strict=True)):
-            assert_same(u, v, f"{where}[{i}]")
-    else:
-        assert (x is None and y is None) or (x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)), where
 
 
 @pytest.mark.parametrize("obs_mode", ["state", "rgb"])

@@ -18,6 +18,7 @@ import tyro
 
 import sft_baseline as sft
 import vla
+from conftest import assert_same
 
 CTRL = "pd_ee_delta_pose"
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,18 +220,6 @@ def test_maniskill_envs_cpu_batch_and_final_obs():
 
 
 SCRIPTS = ["sft_baseline", "flow_sde_ppo", "flow_noise_ppo", "flow_grpo"]  # each carries its own copy of the envs
-
-
-def assert_same(x, y, where=""):
-    if isinstance(x, dict):
-        assert x.keys() == y.keys(), where
-        for k in x:
-            assert_same(x[k], y[k], f"{where}/{k}")
-    elif isinstance(x, (tuple, list)):
-        for i, (u, v) in enumerate(zip(x, y, strict=True)):
-            assert_same(u, v, f"{where}[{i}]")
-    else:
-        assert (x is None and y is None) or torch.equal(x, y), where
 
 
 @pytest.mark.parametrize("module", SCRIPTS)
