@@ -33,7 +33,9 @@ import vla
 class Args:
     env_id: str = "PickCube"  # ManiSkill task (alias or full id) or LIBERO suite: libero_{spatial,object,goal,10}
     task_ids: tuple[int, ...] = (0,)  # LIBERO: the suite's task indices
-    checkpoint: str | None = None  # SFT checkpoint (default: runs/sft/<env id>/checkpoint, written by sft_baseline.py)
+    checkpoint: str | None = None  # SFT checkpoint (default runs/sft/<env id>/checkpoint), or an openpi / LeRobot dir
+    tokenizer: str | None = None  # the policy's tokenizer, if moved: a SentencePiece .model or a transformers dir
+    asset_id: str | None = None  # openpi / LeRobot checkpoint: which of its norm stats (assets/<asset_id>/) to use
     obs_mode: str | None = None  # "state" or "rgb" (default: the SFT checkpoint's)
     control_mode: str | None = None  # ManiSkill controller (default: the SFT checkpoint's)
     # normalized_dense, dense or sparse (LIBERO: 1 on success); a dense reward's episodes run to the time limit
@@ -532,8 +534,7 @@ def sample_chunk(policy, prefix, args, action_dim: int, generator=None):
 
 
 def group_advantages(returns: torch.Tensor, success: torch.Tensor, group_size: int, filter_groups: bool):
-    """returns, success [N] (groups x G episodes, a group's members adjacent) -> advantage [N], keep [N]. Population
-    std: a group of equal returns gets 0. filter_groups drops groups whose mean success lies outside [0.1, 0.9]."""
+    """returns, success [N] (groups of G adjacent episodes) -> advantage [N] (population std), keep [N] (filter)."""
     R = returns.view(-1, group_size)  # [groups, G]
     adv = (R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + 1e-6)
     rate = success.float().view(-1, group_size).mean(1, keepdim=True)  # [groups, 1]
@@ -585,9 +586,8 @@ def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, 
 
 
 def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank=0, world=1) -> dict:
-    """Fixed-seed episodes to the time limit, executing the first C actions of each ODE chunk. Round r (seeds
-    eval_seed + r * num_envs + i, noise seeded with r) runs on rank r % world: the episodes do not depend on the
-    number of ranks. -> mean success_once, success_at_end, return, episode_len over all ranks' episodes."""
+    """Fixed-seed episodes to the time limit, running each ODE chunk's first C actions -> mean episode metrics over all
+    ranks. Round r (seeds eval_seed + r * num_envs + i, noise seeded r) runs on rank r % world: rank-independent."""
     policy.eval()
     prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
     results, frames = {}, []
@@ -652,11 +652,11 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
         raise UsageError(f"--resume: no checkpoint at {source} (is --output-dir the run's directory?)" if args.resume
                          else f"no SFT checkpoint at {source}: run `python sft_baseline.py --env-id {args.env_id}` "
                               "first, or pass --checkpoint")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{path} has no config.json: not a checkpoint written by sft_baseline.py or this script")
-    H = vla.VLAConfig(**vla.checkpoint.read_json(path / "config.json")).spec()["chunk_size"]
-    meta = vla.checkpoint.read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
+    vla.checkpoint.read_safetensors(sorted(path.glob("*.safetensors")), tensors=False)  # damaged weights: refused now
+    config = vla.checkpoint.read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    H = vla.VLAConfig(**config).spec()["chunk_size"] if "preset" in config else math.inf  # openpi / LeRobot: 8+
     need(args.action_chunk <= H, "action_chunk", f"exceeds the policy's chunk size {H} ({path}): use at most {H}")
+    meta = vla.checkpoint.read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
     if not args.resume and meta.get("env_id", env_id) != env_id:  # a resumed run's task: refused below
         raise UsageError(f"--env-id {args.env_id}: the checkpoint {path} was trained for {meta['env_id']}; train one "
                          f"with `python sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one")
@@ -666,7 +666,7 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
         # otherwise (free); a changed task, episode or chain is another run (refused); other changes are printed
         free = set("total_iterations time_budget_min eval_every eval_episodes num_eval_envs save_every capture_video "
                    "track wandb_project env_workers sim_backend micro_batch_size grad_checkpointing prefix_store_gb "
-                   "update_threads vlm_dtype checkpoint output_dir resume".split())
+                   "update_threads vlm_dtype checkpoint output_dir resume tokenizer".split())
         fixed = "env_id task_ids obs_mode control_mode reward_mode max_episode_steps action_chunk denoise_steps".split()
         saved, now = meta.get("args", {}), json.loads(json.dumps(asdict(args)))  # tuples as lists, as in the JSON
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in free}
@@ -697,13 +697,15 @@ def main(args: Args):
     # ---- policy (frozen VLM), optional frozen copy of the starting policy, envs, optimiser
     bf16 = args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda")
     vlm_dtype = torch.bfloat16 if bf16 else None
-    policy, normalizer, extra, _ = vla.load_checkpoint(source, vlm_dtype=vlm_dtype)
-    if normalizer is None:
-        raise UsageError(f"{source} has no norm_stats.json: the policy's state/action normalisation is unknown")
     envs = make_envs(args, N, ignore_terminations=kind == "maniskill" and args.reward_mode != "sparse", device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
     obs = envs.reset(seed=args.seed)  # shows the env's dims; each rollout resets every group to its own seed
     A, S = envs.action_dim, obs["state"].shape[1]
+    load = partial(vla.load_checkpoint, vlm_dtype=vlm_dtype, tokenizer=args.tokenizer, asset_id=args.asset_id,
+                   action_dim=A, state_dim=S)  # (openpi / LeRobot weights are built for the env's dims)
+    policy, normalizer, extra, _ = load(source)
+    if normalizer is None:
+        raise UsageError(f"{source} has no norm stats: the policy's state/action normalisation is unknown")
     if (policy.config.action_dim, policy.config.state_dim) != (A, S):
         raise UsageError(f"{source} reads {policy.config.state_dim}-D states and outputs {policy.config.action_dim}-D "
                          f"actions, but {env_id} with {args.obs_mode} obs and {args.control_mode} gives {S}-D states "
@@ -712,17 +714,15 @@ def main(args: Args):
     policy.to(device).freeze_vlm(dtype=vlm_dtype).expert_checkpointing(args.grad_checkpointing)
     ref_policy = None
     if args.kl_coef > 0:  # the starting policy, frozen
-        ref_policy = vla.load_checkpoint(meta.get("sft_checkpoint", source) if args.resume else source,
-                                         vlm_dtype=vlm_dtype)[0]
+        ref_policy = load(meta.get("sft_checkpoint", source) if args.resume else source)[0]
         ref_policy.to(device).freeze_vlm(dtype=vlm_dtype).eval().requires_grad_(False)
     params = policy.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start_iter, global_step, train_time = 0, 0, 0.0
     if args.resume:
         state = {}  # AdamW's state, saved as flat tensors "optim.<param>.<key>"
-        for key, v in extra.items():
-            if key.startswith("optim."):
-                state.setdefault(int(key.split(".")[1]), {})[key.split(".", 2)[2]] = v
+        for key in (k for k in extra if k.startswith("optim.")):
+            state.setdefault(int(key.split(".")[1]), {})[key.split(".", 2)[2]] = extra[key]
         opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]})
         start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
     broadcast_parameters(params)

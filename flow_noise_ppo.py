@@ -40,8 +40,9 @@ class Args:
     # ManiSkill task (alias or full id) or LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10)
     env_id: str = "PickCube"
     task_ids: tuple[int, ...] = (0,)  # LIBERO: the suite's task indices
-    # SFT checkpoint to start from (default: runs/sft/<env id>/checkpoint, written by sft_baseline.py)
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # SFT checkpoint (default runs/sft/<env id>/checkpoint), or an openpi / LeRobot dir
+    tokenizer: str | None = None  # the policy's tokenizer, if moved: a SentencePiece .model or a transformers dir
+    asset_id: str | None = None  # openpi / LeRobot checkpoint: which of its norm stats (assets/<asset_id>/) to use
     obs_mode: str | None = None  # "state" or "rgb" (default: the SFT checkpoint's)
     control_mode: str | None = None  # ManiSkill controller (default: the SFT checkpoint's)
     # ManiSkill reward: normalized_dense, dense or sparse (LIBERO: 1 on success); dense-reward episodes run to the
@@ -747,13 +748,18 @@ def check_args(args: Args):
     run_dir = Path(args.output_dir or f"runs/flow_noise_ppo/{env_id}_{args.seed}")
     ckpt = run_dir / "checkpoint" if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
     ckpt = ckpt if ckpt.is_dir() else Path(f"{ckpt}.old")  # where a save killed between its renames left it
-    if (ckpt / "config.json").is_file():
-        horizon = vla.VLAConfig(**vla.checkpoint.read_json(ckpt / "config.json")).spec()["chunk_size"]
-        need(args.action_chunk <= horizon, "action_chunk", f"exceeds the policy's chunk size {horizon} ({ckpt}); use "
-             f"at most {horizon}")
-    trained_for = vla.checkpoint.read_json(ckpt / "meta.json").get("env_id") if (ckpt / "meta.json").is_file() else None
-    if not args.resume and trained_for not in (None, env_id):
-        raise UsageError(f"{ckpt} was trained for {trained_for}, not --env-id {args.env_id}: train one with `python "
+    vla.checkpoint.read_safetensors(sorted(ckpt.glob("*.safetensors")), tensors=False)  # damaged weights: refused now
+    config = vla.checkpoint.read_json(ckpt / "config.json") if (ckpt / "config.json").is_file() else {}
+    if "preset" in config:  # ours (an openpi / LeRobot directory is checked as it loads)
+        H, variant = (vla.VLAConfig(**config).spec()[k] for k in ("chunk_size", "variant"))
+        need(args.action_chunk <= H, "action_chunk", f"exceeds the policy's chunk size {H} ({ckpt}); use at most {H}")
+        need(variant == "pi0" or args.critic_input != "expert_state", "critic_input", f"needs pi0's state "
+             f"token; {ckpt} is pi0.5 (its state is in the prompt): use vlm (the paper's pi0.5 critic) or expert")
+    meta = vla.checkpoint.read_json(ckpt / "meta.json") if (ckpt / "meta.json").is_file() else {}
+    args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
+    args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
+    if not args.resume and meta.get("env_id", env_id) != env_id:
+        raise UsageError(f"{ckpt} was trained for {meta['env_id']}, not --env-id {args.env_id}: train one with `python "
                          f"sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one")
 
 
@@ -783,24 +789,23 @@ def resume_point(args, run_dir: Path) -> int | None:
 RESUME_FREE = {"total_iterations", "time_budget_min", "eval_every", "eval_episodes", "num_eval_envs", "save_every",
                "capture_video", "track", "wandb_project", "env_workers", "sim_backend", "micro_batch_size",
                "grad_checkpointing", "prefix_store_gb", "update_threads", "vlm_dtype", "checkpoint", "output_dir",
-               "resume"}
+               "resume", "tokenizer"}
 RESUME_FIXED = ("env_id", "task_ids", "obs_mode", "control_mode", "reward_mode", "max_episode_steps",
                 "action_chunk", "denoise_steps", "critic_input")
 
 
-def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
+def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None, A: int, S: int):
     """The SFT checkpoint (or this run's own, to resume, refusing a changed task, episode or chain and printing other
-    changed options) -> policy (VLM in vlm_dtype), normaliser, extra tensors, meta, path."""
+    changed options; openpi / LeRobot weights: built for the env's dims) -> policy, normaliser, extra, meta, path."""
     path = resume_dir if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
     if not path.is_dir() and not Path(f"{path}.old").is_dir():
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (is --output-dir the run's directory?)"
                                 if args.resume else f"no SFT checkpoint at {path}: run `python sft_baseline.py "
                                 f"--env-id {args.env_id}` first, or pass --checkpoint")
-    policy, normalizer, extra, meta = vla.load_checkpoint(path, vlm_dtype=vlm_dtype)
+    policy, normalizer, extra, meta = vla.load_checkpoint(path, vlm_dtype=vlm_dtype, tokenizer=args.tokenizer,
+                                                          asset_id=args.asset_id, action_dim=A, state_dim=S)
     if normalizer is None:
-        raise UsageError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
-    args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
-    args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
+        raise UsageError(f"{path} has no norm stats: the policy's state/action normalisation is unknown")
     if args.resume:  # the run's own options, saved in its checkpoint (tuples as JSON lists)
         saved, now = meta.get("args", {}), json.loads(json.dumps(asdict(args)))
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in RESUME_FREE}
@@ -822,7 +827,8 @@ def main(args: Args):
     kind, env_id = resolve_env_id(args.env_id)
     run_dir = Path(args.output_dir or f"runs/flow_noise_ppo/{env_id}_{args.seed}")
     ckpt_dir = run_dir / "checkpoint"
-    if args.resume and resume_point(args, run_dir) is None:
+    start_iter = resume_point(args, run_dir) if args.resume else 0
+    if start_iter is None:
         return {}, None, None, None
     rank, world, device = init_distributed()
     is_main, N = rank == 0, args.num_envs // world  # N: this rank's envs
@@ -834,15 +840,18 @@ def main(args: Args):
     # ---- policy (frozen VLM), critic, noise head, optimiser: from the SFT checkpoint or resumed from this run's
     bf16 = args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda")
     vlm_dtype = torch.bfloat16 if bf16 else None
-    policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir, vlm_dtype)
     envs = make_envs(args, N, ignore_terminations=kind == "maniskill" and args.reward_mode != "sparse", device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
-    A, H, D = envs.action_dim, policy.spec["chunk_size"], policy.spec["max_action_dim"]
-    other_task = (f": use a checkpoint trained for this env and control mode (train one with `python sft_baseline.py "
-                  f"--env-id {args.env_id}`, or pass --checkpoint of one)")
-    if policy.config.action_dim != A:
-        raise UsageError(f"{source} outputs {policy.config.action_dim}-D actions but {env_id} with "
-                         f"{args.control_mode} takes {A}-D" + other_task)
+    # Training seeds never overlap the eval seeds (from 10_000) nor another rank's.
+    obs = envs.reset(seed=args.seed * 1_000_003 + rank * 100_003 + start_iter)
+    A, S = envs.action_dim, obs["state"].shape[1]
+    policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir, vlm_dtype, A, S)
+    H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
+    if (policy.config.action_dim, policy.config.state_dim) != (A, S):
+        raise UsageError(f"{source} reads {policy.config.state_dim}-D states and outputs {policy.config.action_dim}-D "
+                         f"actions, but {env_id} with {args.obs_mode} obs and {args.control_mode} gives {S}-D states "
+                         f"and takes {A}-D actions: use a checkpoint trained for this env and control mode (train one "
+                         f"with `python sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one)")
     policy.to(device).freeze_vlm(dtype=vlm_dtype).expert_checkpointing(args.grad_checkpointing)
     critic = Critic(critic_feature_dim(policy, args)).to(device)
     noise_head = NoiseHead(policy.spec["expert_hidden"], D, args.sigma_min, args.sigma_max).to(device)
@@ -851,7 +860,7 @@ def main(args: Args):
     opt = torch.optim.AdamW([{"params": policy.trainable_parameters(), "lr": args.lr},
                              {"params": critic.parameters(), "lr": args.value_lr},
                              {"params": noise_head.parameters(), "lr": head_lr}], betas=(0.9, 0.95), weight_decay=0.0)
-    start_iter, global_step, train_time = 0, 0, 0.0
+    global_step, train_time = 0, 0.0
     if args.resume:
         if len(meta["optimizer"]) != len(opt.param_groups):
             raise UsageError(f"--resume: the checkpoint's optimizer has {len(meta['optimizer'])} parameter groups, "
@@ -865,7 +874,7 @@ def main(args: Args):
             _, i, name = key.split(".", 2)
             adam[int(i)][name] = extra[key]
         opt.load_state_dict({"state": dict(adam), "param_groups": meta["optimizer"]})
-        start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
+        global_step, train_time = meta["global_step"], meta["train_time"]
     params = policy.trainable_parameters() + list(noise_head.parameters()) + list(critic.parameters())
     broadcast_parameters(params)
     if is_main and start_iter < (w := args.critic_warmup_iters):
@@ -876,14 +885,12 @@ def main(args: Args):
         import wandb
         wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
+    metrics_file = open(run_dir / "metrics.jsonl" if is_main else os.devnull, "a")  # one file, written by rank 0
 
     def log(row: dict):
-        if is_main:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            if args.track:
-                wandb.log(row, step=row["global_step"])
+        print(json.dumps(row), file=metrics_file, flush=True)
+        if args.track and is_main:
+            wandb.log(row, step=row["global_step"])
 
     def save(iteration):
         sd = opt.state_dict()  # AdamW's state as flat tensors (for safetensors), its param groups in the meta
@@ -908,11 +915,6 @@ def main(args: Args):
 
     # ---- rollout storage: one row per decision point (action chunk)
     prompts = getattr(envs, "prompts", [envs.prompt] * N)
-    # Training seeds never overlap the eval seeds (from 10_000) nor another rank's.
-    obs = envs.reset(seed=args.seed * 1_000_003 + rank * 100_003 + start_iter)
-    if obs["state"].shape[1] != policy.config.state_dim:
-        raise UsageError(f"{source} takes {policy.config.state_dim}-D states but {env_id} with --obs-mode "
-                         f"{args.obs_mode} gives {obs['state'].shape[1]}-D" + other_task)
     images_on = obs["images"] is not None
     obs_state = torch.zeros(T, N, obs["state"].shape[1], device=device)  # [T, N, state_dim]
     obs_images = torch.zeros(T, N, *obs["images"].shape[1:], dtype=torch.uint8, device=device) if images_on else None
@@ -1051,9 +1053,7 @@ def main(args: Args):
             save(iteration + 1)
         if done:
             break
-    bar.close(), envs.close(), eval_envs.close()
-    if is_main:
-        metrics_file.close()
+    bar.close(), envs.close(), eval_envs.close(), metrics_file.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     return eval_metrics, policy, noise_head, critic

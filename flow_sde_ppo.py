@@ -38,7 +38,9 @@ import vla
 class Args:
     env_id: str = "PickCube"  # ManiSkill task (PickCube or PickCube-v1, ...) or LIBERO suite (libero_spatial, ...)
     task_ids: tuple[int, ...] = (0,)  # LIBERO: the suite's task indices
-    checkpoint: str | None = None  # SFT checkpoint (default: runs/sft/<env id>/checkpoint, written by sft_baseline.py)
+    checkpoint: str | None = None  # SFT checkpoint (default runs/sft/<env id>/checkpoint), or an openpi / LeRobot dir
+    tokenizer: str | None = None  # the policy's tokenizer, if moved: a SentencePiece .model or a transformers dir
+    asset_id: str | None = None  # openpi / LeRobot checkpoint: which of its norm stats (assets/<asset_id>/) to use
     obs_mode: str | None = None  # "state" or "rgb" (default: the SFT checkpoint's)
     control_mode: str | None = None  # ManiSkill controller (default: the SFT checkpoint's)
     # ManiSkill reward: normalized_dense, dense or sparse (LIBERO: 1 on success). Dense-reward episodes run to the
@@ -718,20 +720,24 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
         raise UsageError(f"--resume: no checkpoint at {source} (is --output-dir the run's directory?)" if args.resume
                          else f"no SFT checkpoint at {source}: run `python sft_baseline.py --env-id {args.env_id}` "
                               "first, or pass --checkpoint")
-    if (path / "config.json").is_file():  # (without it load_checkpoint names the missing file)
-        H = vla.VLAConfig(**vla.checkpoint.read_json(path / "config.json")).spec()["chunk_size"]
+    vla.checkpoint.read_safetensors(sorted(path.glob("*.safetensors")), tensors=False)  # damaged weights: refused now
+    config = vla.checkpoint.read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    if "preset" in config:  # ours (an openpi / LeRobot directory is checked as it loads)
+        H, variant = (vla.VLAConfig(**config).spec()[k] for k in ("chunk_size", "variant"))
         need(args.action_chunk <= H, "action_chunk", f"exceeds the policy's chunk size {H} ({path}): use at most {H}")
+        need(variant == "pi0" or args.critic_input != "expert_state", "critic_input", f"needs pi0's state "
+             f"token; {path} is pi0.5 (its state is in the prompt): use vlm (the paper's pi0.5 critic) or expert")
     meta = vla.checkpoint.read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
+    args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
+    args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
     if not args.resume and meta.get("env_id", env_id) != env_id:  # a resumed run's task: refused below
         raise UsageError(f"--env-id {args.env_id}: the checkpoint {path} was trained for {meta['env_id']}; train one "
                          f"with `python sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one")
     if args.resume:  # the options given against the run's own: it may go on longer, evaluate, save and execute
         # otherwise (free); a changed task, episode or chain is another run (refused); other changes are printed
-        args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
-        args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
         free = set("total_iterations time_budget_min eval_every eval_episodes num_eval_envs save_every capture_video "
                    "track wandb_project env_workers sim_backend micro_batch_size grad_checkpointing prefix_store_gb "
-                   "update_threads vlm_dtype checkpoint output_dir resume".split())
+                   "update_threads vlm_dtype checkpoint output_dir resume tokenizer".split())
         fixed = ("env_id task_ids obs_mode control_mode reward_mode max_episode_steps action_chunk denoise_steps "
                  "critic_input").split()
         saved, now = meta.get("args", {}), json.loads(json.dumps(asdict(args)))  # tuples as lists, as in the JSON
@@ -744,17 +750,6 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
         if changed:
             print("--resume with changed options:", ", ".join(f"{flag[k]} {a} -> {b}" for k, (a, b) in changed.items()))
     return meta, run_dir, source
-
-
-def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None):
-    """The SFT checkpoint (or this run's own, to resume) -> policy (VLM in vlm_dtype), normaliser, extra, meta, path."""
-    path = resume_dir if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
-    policy, normalizer, extra, meta = vla.load_checkpoint(path, vlm_dtype=vlm_dtype)
-    if normalizer is None:
-        raise UsageError(f"{path} has no norm_stats.json: the policy's state/action normalisation is unknown")
-    args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
-    args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
-    return policy, normalizer, extra, meta, path
 
 
 def main(args: Args):
@@ -780,12 +775,16 @@ def main(args: Args):
     # ---- policy (frozen VLM), envs, critic, optimiser: from the SFT checkpoint or resumed from this run's
     bf16 = args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda")
     vlm_dtype = torch.bfloat16 if bf16 else None  # None: as saved (float32)
-    policy, normalizer, extra, _, _ = load_policy(args, env_id, ckpt_dir, vlm_dtype)
     envs = make_envs(args, N, ignore_terminations=kind == "maniskill" and args.reward_mode != "sparse", device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
     # Training seeds never overlap the eval seeds (from 10_000) nor another rank's.
     obs = envs.reset(seed=args.seed * 1_000_003 + rank * 100_003 + start_iter)
     A, S = envs.action_dim, obs["state"].shape[1]
+    # openpi / LeRobot weights are built for the env's dims; ours are checked against them below
+    policy, normalizer, extra, _ = vla.load_checkpoint(source, vlm_dtype=vlm_dtype, tokenizer=args.tokenizer,
+                                                       asset_id=args.asset_id, action_dim=A, state_dim=S)
+    if normalizer is None:
+        raise UsageError(f"{source} has no norm stats: the policy's state/action normalisation is unknown")
     if (policy.config.action_dim, policy.config.state_dim) != (A, S):
         raise UsageError(f"{source} reads {policy.config.state_dim}-D states and outputs {policy.config.action_dim}-D "
                          f"actions, but {env_id} with {args.obs_mode} obs and {args.control_mode} gives {S}-D states "

@@ -42,11 +42,11 @@ class Args:
     control_mode: str = "pd_ee_delta_pose"
     max_episode_steps: int = 80  # ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)
     num_demos: int = 200  # few-shot subset: the first N demos (200 start PickCube inside the 20-60% few-shot band)
-    # joint acceleration limit (rad/s^2) of the motion planner making ManiSkill demos: ManiSkill's own (faster demos
-    # end sooner, and their policy then drifts off the goal)
-    planner_joint_acc: float = 0.9
+    planner_joint_acc: float = 0.9  # demo planner's joint acceleration limit: ManiSkill's own (faster did worse)
     demo_path: str | None = None  # ManiSkill .h5 (+ its .json) or LIBERO hdf5; default: make ManiSkill demos in demos/
-    preset: str = "tiny"  # policy size: tiny (CPU), pi0, pi05
+    preset: str = "tiny"  # a fresh policy's size: tiny or tiny_pi05 (CPU), pi0 or pi05 (3B, random init)
+    pretrained: str | None = None  # fine-tune these weights instead: openpi or LeRobot pi0 / pi0.5 dir (size detected)
+    tokenizer: str | None = None  # SentencePiece .model or transformers dir (real weights need it); None: bytes
     chunk_size: int = 16  # action horizon H predicted per call (the paper: 8 on ManiSkill, 50 / 10 on LIBERO)
     action_chunk: int = 8  # C: actions run per prediction (the paper: 5, which stalls after the grasp with few demos)
     denoise_steps: int = 4  # K Euler steps of the ODE at evaluation
@@ -618,9 +618,8 @@ def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, 
 
 
 def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank=0, world=1) -> dict:
-    """Fixed-seed episodes run to the time limit (terminations ignored), executing the first C actions of each chunk
-    -> mean success_once, success_at_end, return, episode_len over all ranks. Round r (seeds eval_seed + r * num_envs
-    + i, sampling noise seeded with r) runs on rank r % world: the episodes do not depend on the number of ranks."""
+    """Fixed-seed episodes to the time limit, running each ODE chunk's first C actions -> mean episode metrics over all
+    ranks. Round r (seeds eval_seed + r * num_envs + i, noise seeded r) runs on rank r % world: rank-independent."""
     policy.eval()
     prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
     results, frames = {}, []
@@ -670,7 +669,8 @@ def check_args(args: Args) -> tuple[str, str, dict]:
         need(getattr(args, k) in choices, k, f"choose one of {', '.join(choices)}")
     need(kind != "libero" or args.demo_path is not None, "env_id", "LIBERO demonstrations cannot be downloaded "
          "here; pass --demo-path to a local LIBERO hdf5 file")
-    need(args.demo_path is None or Path(args.demo_path).is_file(), "demo_path", "no such file")
+    for k, exists in (("demo_path", Path.is_file), ("pretrained", Path.is_dir), ("tokenizer", Path.exists)):
+        need(getattr(args, k) is None or exists(Path(getattr(args, k))), k, "no such file or directory")
     if not args.resume:
         return kind, env_id, {}
     ckpt_dir = Path(args.output_dir or f"runs/sft/{env_id}") / "checkpoint"
@@ -725,18 +725,19 @@ def main(args: Args):
 
     # ---- policy (fresh, or resumed with its optimiser), evaluation envs, logging
     if args.resume:
-        policy, normalizer, extra, _ = vla.load_checkpoint(ckpt_dir)
-    else:
-        policy = vla.build(args.preset, action_dim, state_dim, chunk_size=args.chunk_size)
+        policy, normalizer, extra, _ = vla.load_checkpoint(ckpt_dir, tokenizer=args.tokenizer)
+    else:  # fresh, or openpi / LeRobot weights; the norm stats come from the demos either way, as openpi fine-tunes
+        kw = dict(chunk_size=args.chunk_size, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+        policy = (vla.load_pretrained(args.pretrained, None, action_dim, state_dim, with_norm=False, **kw)[0]
+                  if args.pretrained else vla.build(args.preset, action_dim, state_dim, **kw))
         normalizer = vla.Normalizer.from_data(states.numpy(), chunks[:, 0].numpy(), policy.config.norm_mode)
     policy.to(device)
     broadcast_parameters(list(policy.parameters()))  # one initialisation for all ranks
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     if args.resume:
         state = {}  # AdamW's state, saved as flat tensors "optim.<param>.<key>"
-        for key, v in extra.items():
-            if key.startswith("optim."):
-                state.setdefault(int(key.split(".")[1]), {})[key.split(".", 2)[2]] = v
+        for key in (k for k in extra if k.startswith("optim.")):
+            state.setdefault(int(key.split(".")[1]), {})[key.split(".", 2)[2]] = extra[key]
         opt.load_state_dict({"state": state, "param_groups": resumed["optimizer"]})
 
     envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device) if args.eval_episodes else None
@@ -762,8 +763,7 @@ def main(args: Args):
             wandb.log(row, step=row["step"])
 
     # ---- training
-    x_state = normalizer.normalize("state", states).to(device)
-    x_actions = normalizer.normalize("actions", chunks).to(device)
+    x_state, x_actions = (normalizer.normalize(k, x).to(device) for k, x in (("state", states), ("actions", chunks)))
     masks = masks.float().to(device)
     eval_metrics, t0 = {}, time.time()
     bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="sft", disable=not is_main)

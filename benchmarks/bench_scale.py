@@ -66,7 +66,7 @@ def main(argv=None):
 
     args = replace(flow_sde_ppo.Args(), checkpoint=str(out / "sft"), output_dir=str(out / "run"),
                    num_envs=cli.num_envs, num_steps=cli.num_steps, action_chunk=cli.action_chunk,
-                   max_episode_steps=cli.max_episode_steps, total_iterations=1, critic_warmup_iters=0,
+                   max_episode_steps=cli.max_episode_steps, total_iterations=1, critic_warmup_iters=0, obs_mode="rgb",
                    eval_episodes=0, save_every=10**9,
                    num_minibatches=cli.num_minibatches, micro_batch_size=cli.micro_batch_size,
                    grad_checkpointing=not cli.no_grad_checkpointing, sim_backend=cli.sim_backend)

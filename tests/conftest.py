@@ -82,3 +82,18 @@ def assert_same(x, y, where=""):
             assert_same(u, v, f"{where}[{i}]")
     else:
         assert (x is None and y is None) or (x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)), where
+
+
+def to_openpi(policy):
+    """Write our weights under openpi's key names (METHOD.md section 5), independently of vla's mapping."""
+    out = {}
+    for k, v in policy.state_dict().items():
+        k = k.replace("pi0.model.vlm.", "paligemma_with_expert.paligemma.model.")
+        k = k.replace("pi0.model.dit.", "paligemma_with_expert.gemma_expert.model.")
+        k = k.replace("pi0.embed_action_time.", "").replace("pi0.action_out_proj", "action_out_proj")
+        out[k] = v.clone()
+    # openpi saves the tied VLM embedding as lm_head only; the expert's lm_head is unused.
+    out["paligemma_with_expert.paligemma.lm_head.weight"] = out.pop(
+        "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight")
+    out["paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.zeros(3, 64)
+    return out

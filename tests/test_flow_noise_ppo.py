@@ -244,7 +244,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no SFT checkpoint"):
         fn.main(small_rl_args(fn, tmp_path))
     write_sft_checkpoint(tmp_path, action_dim=6)
-    with pytest.raises(ValueError, match="outputs 6-D actions but PickCube-v1"):
+    with pytest.raises(ValueError, match="outputs 6-D actions, but PickCube-v1 .* takes 7-D actions"):
         fn.main(small_rl_args(fn, tmp_path))
     with pytest.raises(ValueError, match="sigma-min"):
         fn.main(replace(small_rl_args(fn, tmp_path), sigma_min=0.5))  # above the default sigma_max 0.32

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import vla
-from vla.model import ByteTokenizer
+from conftest import to_openpi
+from vla.model import Tokenizer
 
 PROMPTS = ["pick up the red cube", "push it", "a much longer instruction that uses more prompt tokens", "go"]
 
@@ -224,21 +225,6 @@ def test_checkpoint_roundtrip_bit_for_bit(tmp_path, variant):
     assert not (tmp_path / "ckpt.tmp").exists() and not (tmp_path / "ckpt.old").exists()
 
 
-def to_openpi(policy):
-    """Write our weights under openpi's key names (METHOD.md section 5), independently of vla's mapping."""
-    out = {}
-    for k, v in policy.state_dict().items():
-        k = k.replace("pi0.model.vlm.", "paligemma_with_expert.paligemma.model.")
-        k = k.replace("pi0.model.dit.", "paligemma_with_expert.gemma_expert.model.")
-        k = k.replace("pi0.embed_action_time.", "").replace("pi0.action_out_proj", "action_out_proj")
-        out[k] = v.clone()
-    # openpi saves the tied VLM embedding as lm_head only; the expert's lm_head is unused.
-    out["paligemma_with_expert.paligemma.lm_head.weight"] = out.pop(
-        "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight")
-    out["paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.zeros(3, 64)
-    return out
-
-
 @pytest.mark.parametrize("variant", ["pi0", "pi05"])
 @pytest.mark.parametrize("layout", ["openpi", "lerobot"])
 def test_openpi_and_lerobot_layouts_load(tmp_path, variant, layout):
@@ -300,7 +286,7 @@ def test_normalize_roundtrip_and_formula(mode):
 
 
 def test_byte_tokenizer_and_pi05_state_prompt():
-    assert ByteTokenizer().encode("ab") == [1, 99, 100]
+    assert Tokenizer().encode("ab", bos=True) == [1, 99, 100]
     policy = tiny("pi05")
     ids_lo, _ = policy.tokenize(["go"], -torch.ones(1, 10))
     ids_hi, _ = policy.tokenize(["go"], torch.ones(1, 10) * 0.999)

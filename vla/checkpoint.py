@@ -13,24 +13,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.initialization import no_init_weights
 
-from .model import VLAConfig, VLAPolicy, build
+from .model import PRESETS, CheckpointError, VLAConfig, VLAPolicy, build
 from .normalize import Normalizer
 
 WEIGHTS, CONFIG, NORM, META = "model.safetensors", "config.json", "norm_stats.json", "meta.json"
 
-# openpi PyTorch key prefixes -> ours (LeRobot adds "model." in front of all of them).
-_PREFIXES = {
-    "paligemma_with_expert.paligemma.model.": "pi0.model.vlm.",
-    "paligemma_with_expert.gemma_expert.model.": "pi0.model.dit.",
-    "action_out_proj.": "pi0.action_out_proj.",
-    **{f"{n}.": f"pi0.embed_action_time.{n}." for n in
-       ("state_proj", "action_in_proj", "action_time_mlp_in", "action_time_mlp_out", "time_mlp_in", "time_mlp_out")},
-}
+# openpi PyTorch key prefixes -> ours (LeRobot adds "model." in front of all of them); none starts another.
+_PREFIXES = {"paligemma_with_expert.paligemma.model.": "pi0.model.vlm.",
+             "paligemma_with_expert.gemma_expert.model.": "pi0.model.dit.", "action_out_proj.": "pi0.action_out_proj.",
+             **{f"{n}.": f"pi0.embed_action_time.{n}." for n in ("state_proj", "action_in_proj", "action_time_mlp_in",
+                                                                "action_time_mlp_out", "time_mlp_in", "time_mlp_out")}}
 _TIED_LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"  # tied to the VLM's token embeddings
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: the message names the file and what to do."""
 
 
 def _need_dir(path: Path, what: str) -> Path:
@@ -38,12 +31,6 @@ def _need_dir(path: Path, what: str) -> Path:
     if not path.is_dir() and not old.is_dir():
         raise FileNotFoundError(f"{what} directory {path} does not exist")
     return path if path.is_dir() else old
-
-
-def _need_file(path: Path, hint: str = "") -> Path:
-    if path.is_file():
-        return path
-    raise FileNotFoundError(f"{path} is missing{hint}")
 
 
 def load_state_checked(model: VLAPolicy, tensors: dict[str, torch.Tensor], source: str):
@@ -63,9 +50,8 @@ def load_state_checked(model: VLAPolicy, tensors: dict[str, torch.Tensor], sourc
 
 def save_checkpoint(path: str | Path, policy: VLAPolicy, normalizer: Normalizer | None = None,
                     extra: dict[str, torch.Tensor] | None = None, meta: dict | None = None):
-    """Write path/{model.safetensors, config.json, norm_stats.json, meta.json}. `extra` holds tensors the
-    scripts own (value/noise heads, optimiser state) under names that must not clash with the policy's.
-    The directory is built beside the target and swapped in, so a crash never leaves a half-written one."""
+    """Write path/{model.safetensors, config.json, norm_stats.json, meta.json}; `extra`: the scripts' own tensors (value
+    or noise heads, optimiser state), named apart from the policy's. Built beside the target, then swapped in whole."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
     for k, v in (extra or {}).items():
@@ -88,12 +74,13 @@ def save_checkpoint(path: str | Path, policy: VLAPolicy, normalizer: Normalizer 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_safetensors(files: list[Path], tensors: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor in `files`; tensors=False only opens them (each header), to refuse a damaged file early."""
     out = {}
     for f in files:
         try:
             with safe_open(f, framework="pt") as st:
-                out.update({k: st.get_tensor(k) for k in st.keys()})
+                out.update({k: st.get_tensor(k) for k in st.keys() if tensors})
         except Exception as e:  # safetensors' own messages ("incomplete metadata", ...) name no file
             raise CheckpointError(f"{f} is not a readable safetensors file ({e}): it is truncated or corrupt; "
                                   "copy it again or use another checkpoint") from None
@@ -110,9 +97,8 @@ def read_json(path: Path) -> dict:
 
 
 def _to_be_loaded(make, vlm_dtype: torch.dtype | None) -> VLAPolicy:
-    """make() without the random init, since every weight is overwritten next and a missing key fails (pi0's init:
-    ~50 s on CPU); the VLM cast to vlm_dtype before any weight is read in. Its uninitialised float32 pages were
-    never written, so they never became resident: pi0's VLM never holds float32 weights (11.6 GB on the host)."""
+    """make() without the random init (pi0's: ~50 s on CPU), as every weight is overwritten next; the VLM cast to
+    vlm_dtype first, so its never-written float32 pages never become resident (pi0's VLM: 11.6 GB on the host)."""
     with no_init_weights():
         policy = make()
     if vlm_dtype is not None:
@@ -120,53 +106,80 @@ def _to_be_loaded(make, vlm_dtype: torch.dtype | None) -> VLAPolicy:
     return policy
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", vlm_dtype: torch.dtype | None = None):
-    """Our checkpoint -> (policy, normalizer or None, extra tensors, meta). vlm_dtype (e.g. torch.bfloat16): the
-    VLM's dtype, set before its weights are read in."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", vlm_dtype: torch.dtype | None = None,
+                    tokenizer: str | None = None, **pretrained):
+    """Our checkpoint -> (policy, normalizer or None, extra tensors, meta); openpi / LeRobot dirs go to load_pretrained
+    (**pretrained; no extras or meta). vlm_dtype: the VLM's, set before its weights load; tokenizer: replaces ours."""
     path = _need_dir(Path(path), "checkpoint")
-    cfg = read_json(_need_file(path / CONFIG, " (not a checkpoint written by save_checkpoint?)"))
+    cfg = read_json(path / CONFIG) if (path / CONFIG).is_file() else {}
+    if "preset" not in cfg and any(path.glob("*.safetensors")):  # not ours (LeRobot's config.json has no preset)
+        return (*load_pretrained(path, vlm_dtype=vlm_dtype, tokenizer=tokenizer, **pretrained), {}, {})
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path / CONFIG} is missing (not a checkpoint written by save_checkpoint, nor "
+                                "openpi / LeRobot weights)")
+    if tokenizer is not None:
+        cfg["overrides"] = {**cfg.get("overrides", {}), "tokenizer": tokenizer}
     policy = _to_be_loaded(lambda: VLAPolicy(VLAConfig(**cfg)), vlm_dtype)
-    tensors = _read_safetensors([_need_file(path / WEIGHTS)])
+    if not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path / WEIGHTS} is missing")
+    tensors = read_safetensors([path / WEIGHTS])
     own = set(policy.state_dict())
     load_state_checked(policy, {k: v for k, v in tensors.items() if k in own}, str(path / WEIGHTS))
     norm = Normalizer(read_json(path / NORM), policy.config.norm_mode, str(path / NORM)) if (path / NORM).exists() \
         else None
-    meta = read_json(path / META) if (path / META).exists() else {}
     extra = {k: v.to(map_location) for k, v in tensors.items() if k not in own}
-    return policy.to(map_location), norm, extra, meta
+    return policy.to(map_location), norm, extra, read_json(path / META) if (path / META).exists() else {}
 
 
 def openpi_to_ours(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename openpi-layout (or LeRobot-layout: everything under "model.") pi0/pi0.5 keys to ours."""
     if tensors and all(k.startswith("model.") for k in tensors):
         tensors = {k[len("model."):]: v for k, v in tensors.items()}
-    out = {}
-    for k, v in tensors.items():
-        for src, dst in _PREFIXES.items():
-            if k.startswith(src):
-                out[dst + k[len(src):]] = v
-                break
+    out = {dst + k[len(src):]: v for k, v in tensors.items() for src, dst in _PREFIXES.items() if k.startswith(src)}
     embed = "pi0.model.vlm.language_model.embed_tokens.weight"
     if embed not in out and _TIED_LM_HEAD in tensors:
         out[embed] = tensors[_TIED_LM_HEAD]
     return out  # anything else (the expert's unused lm_head) is dropped on purpose
 
 
-def load_pretrained(path: str | Path, preset: str = "pi0", action_dim: int = 7, state_dim: int = 8,
-                    asset_id: str | None = None, vlm_dtype: torch.dtype | None = None, **overrides):
-    """An openpi or LeRobot pi0/pi0.5 directory (*.safetensors, norm stats under <asset_id>/norm_stats.json or
-    assets/<asset_id>/norm_stats.json) -> (policy, normalizer or None). vlm_dtype: as in load_checkpoint."""
+def detect_preset(tensors: dict[str, torch.Tensor]) -> str:
+    """The preset whose weight names and shapes (built on the meta device: no memory, no time) are `tensors`'."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    for name in PRESETS:
+        with torch.device("meta"), no_init_weights():
+            if shapes == {k: tuple(v.shape) for k, v in build(name, 1, 1).state_dict().items()}:
+                return name
+    raise CheckpointError(f"these weights ({len(shapes)} tensors) match none of the presets {list(PRESETS)}")
+
+
+def load_pretrained(path: str | Path, preset: str | None = None, action_dim: int = 7, state_dim: int = 8,
+                    asset_id: str | None = None, vlm_dtype: torch.dtype | None = None, tokenizer: str | None = None,
+                    with_norm: bool = True, **overrides):
+    """openpi / LeRobot pi0 or pi0.5 dir (*.safetensors; norm stats: [assets/]<asset_id>/norm_stats.json) -> (policy,
+    normalizer or None). preset: detected if None; tokenizer: needed by real weights; vlm_dtype: as load_checkpoint."""
     path = _need_dir(Path(path), "pretrained checkpoint")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}")
+    tensors = openpi_to_ours(read_safetensors(files))
+    rows = len(tensors.get("pi0.model.vlm.language_model.embed_tokens.weight", []))
+    if tokenizer is None and rows > PRESETS["tiny"]["vocab"]:
+        raise CheckpointError(f"{path} has a {rows}-token embedding: pass its tokenizer (--tokenizer: openpi's "
+                              "paligemma_tokenizer.model or a transformers tokenizer directory); the offline byte "
+                              "tokenizer would feed it byte ids")
+    preset = preset or detect_preset(tensors)
+    dims = PRESETS[preset]["max_action_dim"], PRESETS[preset]["max_state_dim"]
+    if action_dim > dims[0] or state_dim > dims[1]:
+        raise CheckpointError(f"{path} takes at most {dims[0]}-D actions and {dims[1]}-D states, not {action_dim}-D "
+                              f"actions and {state_dim}-D states")
+    overrides.update({"tokenizer": tokenizer} if tokenizer else {})
     policy = _to_be_loaded(lambda: build(preset, action_dim, state_dim, **overrides), vlm_dtype)
-    load_state_checked(policy, openpi_to_ours(_read_safetensors(files)), str(path))
+    load_state_checked(policy, tensors, str(path))
     stats = [s for where in ("", "*/", "assets/*/") for s in sorted(path.glob(where + "norm_stats.json"))]
-    if asset_id is not None:
-        stats = [s for s in stats if s.parent.name == asset_id]
-        if not stats:
-            raise FileNotFoundError(f"no norm_stats.json for asset_id {asset_id!r} under {path}")
-    if len(stats) > 1:
-        raise ValueError(f"several norm stats under {path}: {[str(s) for s in stats]}; pass asset_id=")
-    return policy, (Normalizer(read_json(stats[0]), policy.config.norm_mode, str(stats[0])) if stats else None)
+    if asset_id is not None and not (stats := [s for s in stats if s.parent.name == asset_id]):
+        raise CheckpointError(f"no norm_stats.json for asset_id {asset_id!r} under {path}")
+    if len(stats) > 1 and with_norm:
+        raise CheckpointError(f"{path} holds norm stats for {', '.join(s.parent.name for s in stats)}: pick one with "
+                              "asset_id (--asset-id)")
+    norm = Normalizer(read_json(stats[0]), policy.config.norm_mode, str(stats[0])) if stats and with_norm else None
+    return policy, norm

@@ -1,57 +1,47 @@
-"""pi0 / pi0.5 policy on transformers' PI0: presets, prefix encoding, velocity of the action expert.
-
-The VLM (PaliGemma) runs once per observation batch over the prefix [images, prompt] and leaves a KV cache;
-the action expert then runs over the suffix ([state token,] H action tokens) for any (x_t, t) against that
-cache. Time runs from t=1 (noise) to t=0 (action), as in openpi.
-"""
+"""pi0 / pi0.5 policy on transformers' PI0. The VLM (PaliGemma) runs once per observation batch over the prefix [images,
+prompt] and leaves a KV cache; the action expert then runs over the suffix ([state token,] H action tokens) for any
+(x_t, t) against that cache. Time runs from t=1 (noise) to t=0 (action), as in openpi."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
-from transformers import AutoTokenizer, PI0Config, PI0ForConditionalGeneration
-from transformers.cache_utils import DynamicCache
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+from transformers import AutoTokenizer, DynamicCache, PI0Config, PI0ForConditionalGeneration
 from transformers.models.gemma.modeling_gemma import GemmaDecoderLayer, GemmaModel
 from transformers.models.pi0.modeling_pi0 import PI0TimestepEmbeddings
 
-# Widths of the three presets. `tiny` is the CPU default: the same architecture at a size that runs a
-# batch-16 denoising step in milliseconds. The VLM text model and the expert must share depth, KV heads and
-# head_dim because the expert attends to the VLM's per-layer keys/values.
+# `tiny` (the CPU default) is the real architecture at a size whose batch-16 denoising step takes milliseconds. The VLM
+# text model and the expert share depth, KV heads and head_dim: the expert attends to the VLM's per-layer keys/values.
 _PI0_REAL = dict(
     variant="pi0", text_hidden=2048, depth=18, text_mlp=16384, text_heads=8, kv_heads=1, head_dim=256,
     vocab=257152, vision_hidden=1152, vision_layers=27, vision_mlp=4304, vision_heads=16, image_size=224,
     patch=14, expert_hidden=1024, expert_mlp=4096, expert_heads=8, chunk_size=50, max_action_dim=32,
-    max_state_dim=32, max_cameras=3, max_prompt_tokens=48, tokenizer="bytes",
-)
-PRESETS = {
-    "tiny": dict(
-        variant="pi0", text_hidden=64, depth=2, text_mlp=128, text_heads=2, kv_heads=1, head_dim=16, vocab=260,
-        vision_hidden=32, vision_layers=1, vision_mlp=64, vision_heads=2, image_size=28, patch=14,
-        expert_hidden=64, expert_mlp=128, expert_heads=2, chunk_size=8, max_action_dim=8, max_state_dim=64,
-        max_cameras=3, max_prompt_tokens=32, tokenizer="bytes",
-    ),
-    "pi0": _PI0_REAL,
-    # pi0.5: adaRMS time conditioning, state discretised into the (longer) prompt, no state token.
-    "pi05": {**_PI0_REAL, "variant": "pi05", "max_prompt_tokens": 200},
-}
+    max_state_dim=32, max_cameras=3, max_prompt_tokens=48, tokenizer="bytes")
+_TINY = dict(
+    variant="pi0", text_hidden=64, depth=2, text_mlp=128, text_heads=2, kv_heads=1, head_dim=16, vocab=260,
+    vision_hidden=32, vision_layers=1, vision_mlp=64, vision_heads=2, image_size=28, patch=14,
+    expert_hidden=64, expert_mlp=128, expert_heads=2, chunk_size=8, max_action_dim=8, max_state_dim=64,
+    max_cameras=3, max_prompt_tokens=32, tokenizer="bytes")
+# pi0.5: adaRMS time conditioning, state discretised into the (longer) prompt, no state token.
+PRESETS = {"tiny": _TINY, "tiny_pi05": {**_TINY, "variant": "pi05", "max_prompt_tokens": 256},  # ~4 byte tokens/bin
+           "pi0": _PI0_REAL, "pi05": {**_PI0_REAL, "variant": "pi05", "max_prompt_tokens": 200}}
 
 
 @dataclass
 class VLAConfig:
     """Everything needed to rebuild a policy; stored as config.json next to the weights."""
-
     preset: str = "tiny"
     action_dim: int = 7  # the env's real action dims (<= max_action_dim; the rest is zero padding)
     state_dim: int = 8  # the env's real state dims (<= max_state_dim)
     norm_mode: str = "zscore"  # "zscore" (pi0) or "quantile" (pi0.5)
-    overrides: dict = dataclasses.field(default_factory=dict)  # preset fields changed by the user
+    overrides: dict = field(default_factory=dict)  # preset fields changed by the user
 
     def spec(self) -> dict:
         if self.preset not in PRESETS:
@@ -68,25 +58,21 @@ class VLAConfig:
 
 
 def pi0_config(s: dict) -> PI0Config:
-    text = dict(model_type="gemma", hidden_size=s["text_hidden"], num_hidden_layers=s["depth"],
-                intermediate_size=s["text_mlp"], num_attention_heads=s["text_heads"],
-                num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"], vocab_size=s["vocab"])
+    def gemma(width: int, mlp: int, heads: int, **vocab) -> dict:  # the VLM's text model or the expert
+        return dict(model_type="gemma", hidden_size=width, num_hidden_layers=s["depth"], intermediate_size=mlp,
+                    num_attention_heads=heads, num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"], **vocab)
+    text = gemma(s["text_hidden"], s["text_mlp"], s["text_heads"], vocab_size=s["vocab"])
     vision = dict(model_type="siglip_vision_model", hidden_size=s["vision_hidden"], intermediate_size=s["vision_mlp"],
                   num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
                   image_size=s["image_size"], patch_size=s["patch"], vision_use_head=False)
-    expert = dict(model_type="gemma", hidden_size=s["expert_hidden"], num_hidden_layers=s["depth"],
-                  intermediate_size=s["expert_mlp"], num_attention_heads=s["expert_heads"],
-                  num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"])
     vlm = dict(model_type="paligemma", text_config=text, vision_config=vision, projection_dim=s["text_hidden"],
                image_token_id=s["vocab"])
-    return PI0Config(vlm_config=vlm, dit_config=expert, chunk_size=s["chunk_size"],
-                     max_action_dim=s["max_action_dim"], max_state_dim=s["max_state_dim"])
+    return PI0Config(vlm_config=vlm, dit_config=gemma(s["expert_hidden"], s["expert_mlp"], s["expert_heads"]),
+                     chunk_size=s["chunk_size"], max_action_dim=s["max_action_dim"], max_state_dim=s["max_state_dim"])
 
 
-# ---------------------------------------------------------------------------------------------- pi0.5 modules
 class AdaNorm(nn.Module):
     """adaRMS: RMS-normalise, then scale/shift from the time condition; also returns the residual gate."""
-
     def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -114,21 +100,18 @@ class AdaDecoderLayer(GemmaDecoderLayer):
 
 class AdaGemmaModel(GemmaModel):
     """Gemma expert whose every norm (final one included) is conditioned on the flow time."""
-
     def __init__(self, config):
         super().__init__(config)
         self.layers = nn.ModuleList(AdaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = AdaNorm(config.hidden_size, config.hidden_size, config.rms_norm_eps)
-        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-        for norm in [self.norm] + norms:
+        for norm in [m for m in self.modules() if isinstance(m, AdaNorm)]:
             # Zero weights as in pi0.5; bias gives scale=shift=0, gate=1 so a fresh expert is a plain Gemma.
             nn.init.zeros_(norm.dense.weight)
             nn.init.zeros_(norm.dense.bias)
             norm.dense.bias.data[2 * config.hidden_size:] = 1.0
 
     def forward(self, inputs_embeds, attention_mask, position_ids, cache, adarms_cond, **kwargs):
-        h = inputs_embeds
-        rope = self.rotary_emb(h, position_ids=position_ids)
+        h, rope = inputs_embeds, self.rotary_emb(inputs_embeds, position_ids=position_ids)
         for layer in self.layers:
             h = layer(h, adarms_cond=adarms_cond, attention_mask=attention_mask, position_ids=position_ids,
                       cache=cache, use_cache=False, position_embeddings=rope)
@@ -137,7 +120,6 @@ class AdaGemmaModel(GemmaModel):
 
 class PI05TimeEmbedding(nn.Module):
     """pi0.5 suffix: actions are projected alone; the time goes to the adaRMS condition through an MLP."""
-
     def __init__(self, config: PI0Config):
         super().__init__()
         width = config.dit_config.hidden_size
@@ -151,15 +133,40 @@ class PI05TimeEmbedding(nn.Module):
         return self.action_in_proj(x_t), cond
 
 
-# ---------------------------------------------------------------------------------------------- tokenizer
-class ByteTokenizer:
-    """Offline tokenizer: UTF-8 bytes shifted past pad=0 / bos=1. Used by every preset unless a local
-    PaliGemma tokenizer directory is configured (real checkpoints need their own tokenizer)."""
+class CheckpointError(ValueError):
+    """A checkpoint or tokenizer file that cannot be read: the message names the file and what to do."""
 
-    pad_token_id, bos_token_id = 0, 1
 
-    def encode(self, text: str) -> list[int]:
-        return [self.bos_token_id] + [b + 2 for b in text.encode("utf-8")]
+class Tokenizer:
+    """Prompt text -> ids: "bytes" (UTF-8 bytes past pad=0 / bos=1; offline), SentencePiece .model or tokenizer dir."""
+    def __init__(self, source: str = "bytes"):
+        if source == "bytes":
+            self.bos, self.size, self._encode = 1, 258, lambda text: [b + 2 for b in text.encode("utf-8")]
+        elif Path(source).is_file():
+            import sentencepiece  # only real weights need it
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(source))
+            self.bos, self.size, self._encode = sp.bos_id(), sp.vocab_size(), sp.encode
+        elif Path(source).is_dir():
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            self.bos, self.size = tok.bos_token_id, len(tok)
+            self._encode = functools.partial(tok.encode, add_special_tokens=False)
+        else:
+            raise CheckpointError(f"tokenizer {source} does not exist: pass a SentencePiece .model file (openpi's "
+                                  "paligemma_tokenizer.model) or a transformers tokenizer directory")
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return [self.bos] * bos + list(self._encode(text))
+
+
+def resize_with_pad(x: torch.Tensor, size: int) -> torch.Tensor:
+    """openpi's resize: [M, 3, h, w] in [-1, 1] -> [M, 3, size, size], bilinear, aspect kept, -1-padded evenly."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    ratio = max(h / size, w / size)
+    x = F.interpolate(x, size=(int(h / ratio), int(w / ratio)), mode="bilinear", align_corners=False)
+    ph, pw = size - x.shape[-2], size - x.shape[-1]
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=-1.0)
 
 
 def additive(see: torch.Tensor, dtype) -> torch.Tensor:
@@ -168,10 +175,8 @@ def additive(see: torch.Tensor, dtype) -> torch.Tensor:
 
 
 class PrefixView:
-    """Read-only view of the prefix KV cache that the expert attends to. Each layer's `update` returns the prefix
-    keys/values (cast to the expert's dtype) followed by the suffix's and stores nothing, so any number of velocity
-    calls, and gradient-checkpoint replays of the expert's layers, share one prefix without touching it."""
-
+    """Read-only prefix KV cache for the expert: `update` returns the prefix keys/values (in the expert's dtype), then
+    the suffix's, and stores nothing: velocity calls and gradient-checkpoint replays share one untouched prefix."""
     def __init__(self, cache: DynamicCache):
         self.cache = cache
 
@@ -180,14 +185,10 @@ class PrefixView:
         return (torch.cat([layer.keys.to(key_states.dtype), key_states], -2),
                 torch.cat([layer.values.to(value_states.dtype), value_states], -2))
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.cache.get_seq_length(layer_idx)
-
 
 @dataclass
 class Prefix:
     """What one VLM pass over an observation batch leaves for the expert."""
-
     cache: DynamicCache  # per-layer keys/values of the prefix, length P
     mask: torch.Tensor  # [B, P] bool, valid prefix tokens
     features: torch.Tensor  # [B, D_vlm] masked mean of the VLM output (pi0.5-style critic input)
@@ -228,9 +229,10 @@ class VLAPolicy(nn.Module):
             self.pi0.embed_action_time = PI05TimeEmbedding(self.pi0.config)
             self.pi0.model.dit = AdaGemmaModel(self.pi0.config.dit_config)
         self.pi0.model.dit.embed_tokens = None  # the expert only takes embeddings: drop its 257k-row table
-        tok = spec["tokenizer"]  # "bytes", or a local tokenizer directory (never downloaded)
-        self.tokenizer = ByteTokenizer() if tok == "bytes" else AutoTokenizer.from_pretrained(tok,
-                                                                                                local_files_only=True)
+        self.tokenizer = Tokenizer(spec["tokenizer"])  # never downloaded
+        if self.tokenizer.size > spec["vocab"]:
+            raise CheckpointError(f"the tokenizer {spec['tokenizer']} has {self.tokenizer.size} ids, the model's "
+                                  f"embedding only {spec['vocab']}: it is not this model's tokenizer")
         self._token_cache: dict[str, list[int]] = {}
         self.vlm_frozen = False
 
@@ -239,9 +241,8 @@ class VLAPolicy(nn.Module):
         return self.pi0.model.vlm
 
     def freeze_vlm(self, frozen: bool = True, dtype: torch.dtype | None = None):
-        """RL trains only the expert, projections and heads: the VLM gets no gradients and runs in no_grad.
-        dtype=torch.bfloat16 halves the frozen VLM's weights and prefix cache (pi0's 2.9B VLM: 11.6 -> 5.8 GB);
-        the expert keeps its own dtype, so log-probs are computed in full precision."""
+        """RL trains only the expert, projections and heads: the VLM gets no gradients, runs in no_grad. dtype=bfloat16
+        halves its weights and prefix cache (pi0: 11.6 -> 5.8 GB); the expert keeps its dtype for the log-probs."""
         self.vlm_frozen = frozen
         self.vlm.requires_grad_(not frozen)
         if dtype is not None:
@@ -249,29 +250,29 @@ class VLAPolicy(nn.Module):
         return self
 
     def expert_checkpointing(self, enabled: bool = True):
-        """Gradient checkpointing of the expert's layers: training keeps only each layer's input and recomputes
-        the layer in the backward pass. Safe with the prefix cache because the expert only reads it (PrefixView)."""
+        """Gradient checkpointing of the expert's layers: safe, as they only read the prefix cache (PrefixView)."""
         for layer in self.pi0.model.dit.layers:
             layer.gradient_checkpointing = enabled
             layer._can_checkpoint_with_cache = True
-            layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint,
-                                                                   use_reentrant=False)
+            layer._gradient_checkpointing_func = functools.partial(grad_checkpoint, use_reentrant=False)
         return self
 
-    # ------------------------------------------------------------------ prefix
     def tokenize(self, prompts: list[str], states: torch.Tensor | None = None):
-        """Token ids [B, L] and mask [B, L]; pi0.5 writes the state (in [-1, 1]) as 256 bins into the prompt."""
-        L = self.spec["max_prompt_tokens"]
+        """openpi's prompt: ids [B, L] (0-padded, truncated) and mask [B, L]. pi0: encode(clean, bos) + encode("\\n");
+        pi0.5: encode("Task: {clean}, State: {bins};\\nAction: ", bos), the state in [-1, 1] as 256 bins."""
+        L, enc = self.spec["max_prompt_tokens"], self.tokenizer.encode
         ids = torch.zeros(len(prompts), L, dtype=torch.long)  # [B, L]
         mask = torch.zeros(len(prompts), L, dtype=torch.bool)  # [B, L]
         if self.pi05:
             bins = np.digitize(states.detach().float().cpu().numpy(), np.linspace(-1, 1, 257)[:-1]) - 1
         for i, p in enumerate(prompts):
-            text = p.strip().replace("_", " ").replace("\n", " ").lower()
-            text = f"Task: {text}, State: {' '.join(map(str, bins[i]))};\nAction: " if self.pi05 else text + "\n"
-            if text not in self._token_cache:  # prompts repeat every step of a rollout
-                self._token_cache[text] = self.tokenizer.encode(text)[:L]
-            t = self._token_cache[text]
+            clean = p.strip().replace("_", " ").replace("\n", " ")  # no lower-casing, as openpi
+            if self.pi05:  # a new state every step: not cached
+                t = enc(f"Task: {clean}, State: {' '.join(map(str, bins[i]))};\nAction: ", bos=True)[:L]
+            else:  # the prompt repeats every step of a rollout
+                if clean not in self._token_cache:
+                    self._token_cache[clean] = (enc(clean, bos=True) + enc("\n"))[:L]
+                t = self._token_cache[clean]
             ids[i, : len(t)] = torch.tensor(t)
             mask[i, : len(t)] = True
         return ids, mask
@@ -294,10 +295,7 @@ class VLAPolicy(nn.Module):
                 if N > self.spec["max_cameras"]:
                     raise ValueError(f"{N} cameras given, the model takes at most {self.spec['max_cameras']}")
                 x = images.flatten(0, 1).permute(0, 3, 1, 2).float()  # [B*N, 3, H, W]
-                x = x / 127.5 - 1.0 if images.dtype == torch.uint8 else x
-                S = self.spec["image_size"]
-                if x.shape[-1] != S or x.shape[-2] != S:
-                    x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
+                x = resize_with_pad(x / 127.5 - 1.0 if images.dtype == torch.uint8 else x, self.spec["image_size"])
                 feats = self.vlm.get_image_features(x.to(embeds.dtype)).pooler_output  # [B*N, T, D]
                 T = feats.shape[1]
                 embeds = torch.cat([feats.reshape(B, N * T, -1), embeds], 1)  # [B, N*T + L, D]
@@ -313,20 +311,15 @@ class VLAPolicy(nn.Module):
             features = (out * m).sum(1) / m.sum(1).clamp(min=1)  # [B, D]
         return Prefix(cache, mask, features, None if self.pi05 else state, P)
 
-    # ------------------------------------------------------------------ expert
     def velocity(self, prefix: Prefix, x_t: torch.Tensor, t: torch.Tensor | float):
-        """v_theta(x_t, t) [B, H, max_action_dim] and the expert's action-token outputs [B, H, W].
-        The prefix cache is only read (PrefixView): it is exactly as it was afterwards."""
-        B, H = x_t.shape[:2]
-        dev = x_t.device
+        """v_theta(x_t, t) [B, H, max_action_dim] and the expert's hidden states [B, H, W]; reads the prefix only."""
+        (B, H), dev = x_t.shape[:2], x_t.device
         t = torch.as_tensor(t, dtype=torch.float32, device=dev).expand(B)  # [B]
-        emb = self.pi0.embed_action_time
+        kwargs = {}
         if self.pi05:
-            suffix, cond = emb(x_t, t)  # [B, H, W], [B, W]
-            kwargs = {"adarms_cond": cond}
+            suffix, kwargs["adarms_cond"] = self.pi0.embed_action_time(x_t, t)  # [B, H, W], [B, W]
         else:
-            suffix = emb(prefix.state, x_t, t)  # [B, 1 + H, W]: state token then actions
-            kwargs = {}
+            suffix = self.pi0.embed_action_time(prefix.state, x_t, t)  # [B, 1 + H, W]: state token then actions
         S, P = suffix.shape[1], prefix.length
         # Suffix queries see valid prefix keys; the state token sees itself; action tokens see the whole suffix.
         attn = torch.ones(B, 1, S, P + S, dtype=torch.bool, device=dev)  # [B, 1, S, P+S]
@@ -336,8 +329,7 @@ class VLAPolicy(nn.Module):
         pos = prefix.mask.long().sum(-1, keepdim=True) + torch.arange(S, device=dev)  # [B, S]
         h = self.pi0.model.dit(inputs_embeds=suffix, attention_mask=additive(attn, suffix.dtype), position_ids=pos,
                                cache=PrefixView(prefix.cache), use_cache=False, **kwargs)  # read, never store
-        h = h if torch.is_tensor(h) else h.last_hidden_state
-        h = h[:, -H:]  # [B, H, W]
+        h = (h if torch.is_tensor(h) else h.last_hidden_state)[:, -H:]  # [B, H, W]
         return self.pi0.action_out_proj(h), h
 
     def trainable_parameters(self):

@@ -9,23 +9,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KEYS = ("state", "actions")
-FIELDS = ("mean", "std", "q01", "q99")
-EPS = 1e-6
+KEYS, FIELDS, EPS = ("state", "actions"), ("mean", "std", "q01", "q99"), 1e-6
 
 
 class Normalizer:
     """z-score (pi0): (x - mean) / (std + eps); quantile (pi0.5): 2 (x - q01) / (q99 - q01 + eps) - 1.
     Stats may be longer than the data (openpi pads to 32 dims): the first x.shape[-1] entries are used."""
-
     def __init__(self, stats: dict, mode: str = "zscore", source: str = "norm stats"):
         if mode not in ("zscore", "quantile"):
             raise ValueError(f"unknown normalisation mode {mode!r}; use 'zscore' (pi0) or 'quantile' (pi0.5)")
         stats = stats.get("norm_stats", stats)  # openpi wraps the keys in {"norm_stats": ...}
-        for key in KEYS:
-            for field in FIELDS:
-                if field not in stats.get(key, {}):
-                    raise KeyError(f"{source} has no '{key}.{field}'; it needs {list(FIELDS)} for each of {list(KEYS)}")
+        missing = [f"{key}.{field}" for key in KEYS for field in FIELDS if field not in stats.get(key, {})]
+        if missing:
+            raise KeyError(f"{source} has no '{missing[0]}'; it needs {list(FIELDS)} for each of {list(KEYS)}")
         self.stats = {k: {f: torch.tensor(stats[k][f], dtype=torch.float32) for f in FIELDS} for k in KEYS}
         self.mode = mode
 
@@ -46,8 +42,7 @@ class Normalizer:
         os.replace(f"{path}.tmp", path)
 
     def _params(self, key: str, x: torch.Tensor):
-        s = self.stats[key]
-        d = x.shape[-1]
+        s, d = self.stats[key], x.shape[-1]
         if d > s["mean"].numel():
             raise ValueError(f"{key} has {d} dims but its norm stats only {s['mean'].numel()}")
         if self.mode == "zscore":
