@@ -654,7 +654,7 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
                               "first, or pass --checkpoint")
     vla.checkpoint.read_safetensors(sorted(path.glob("*.safetensors")), tensors=False)  # damaged weights: refused now
     config = vla.checkpoint.read_json(path / "config.json") if (path / "config.json").is_file() else {}
-    H = vla.VLAConfig(**config).spec()["chunk_size"] if "preset" in config else math.inf  # openpi / LeRobot: 8+
+    H = vla.VLAConfig(**config).spec()["chunk_size"] if "preset" in config else math.inf  # others: 8 or 50
     need(args.action_chunk <= H, "action_chunk", f"exceeds the policy's chunk size {H} ({path}): use at most {H}")
     meta = vla.checkpoint.read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
     if not args.resume and meta.get("env_id", env_id) != env_id:  # a resumed run's task: refused below

@@ -20,7 +20,7 @@ LINE_BUDGETS = {  # file (or folder of .py files, counted together) -> most line
 }
 # Scripts still over their budget are held at their size instead, so that they can only shrink: lower a ceiling when
 # its script shrinks, and delete it once the script is within its budget.
-CEILINGS = {"flow_sde_ppo.py": 983, "flow_noise_ppo.py": 1067, "flow_grpo.py": 888, "sft_baseline.py": 822}
+CEILINGS = {"flow_sde_ppo.py": 982, "flow_noise_ppo.py": 1067, "flow_grpo.py": 888, "sft_baseline.py": 822}
 MAX_LINE_CHARS = 120
 MAX_PNGS_IN_DOCS = 4
 WORD = "sess" + "ion"  # built, not written, so this file passes its own check
