@@ -125,18 +125,15 @@ def test_a_masked_camera_slot_equals_no_slot(preset):
 def write_pretrained(path, policy, layout, assets=("maniskill",)):
     """policy's weights as an openpi (or LeRobot) directory, with norm stats for each asset id."""
     tensors = to_openpi(policy)
-    if layout == "lerobot":
+    path.mkdir(parents=True)
+    if layout == "lerobot":  # everything under "model.", and LeRobot's own config.json (no preset in it)
         tensors = {f"model.{k}": v for k, v in tensors.items()}
-        (path / "config.json").parent.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps({"type": policy.spec["variant"], "chunk_size": 50}))
-    path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / "model.safetensors")
+    stats = {k: {"mean": [0.1] * 64, "std": [1.0] * 64, "q01": [-1.0] * 64, "q99": [1.0] * 64}
+             for k in ("state", "actions")}
     for asset in assets:
         (path / "assets" / asset).mkdir(parents=True)
-        stats = {k: {f: [0.1] * 64 if f != "std" else [1.0] * 64 for f in ("mean", "std", "q01", "q99")}
-                 for k in ("state", "actions")}
-        for s in stats.values():
-            s["q01"], s["q99"] = [-1.0] * 64, [1.0] * 64
         (path / "assets" / asset / "norm_stats.json").write_text(json.dumps({"norm_stats": stats}))
     return path
 
@@ -193,9 +190,8 @@ def test_pretrained_directories_through_sft_and_flow_sde_ppo(tmp_path, sp_file, 
         rl = small_rl_args(sde, tmp_path, checkpoint=str(ckpt), output_dir=str(tmp_path / out), obs_mode="state",
                            tokenizer=str(sp_file) if ckpt == path else None, **FAST)
         sde.main(rl)
-        loaded = vla.load_checkpoint(tmp_path / out / "checkpoint")[0]
-        assert vla.load_checkpoint(tmp_path / out / "checkpoint")[3]["iteration"] == 2
-        assert loaded.spec["tokenizer"] == str(sp_file)
+        loaded, _, _, meta = vla.load_checkpoint(tmp_path / out / "checkpoint")
+        assert meta["iteration"] == 2 and loaded.spec["tokenizer"] == str(sp_file)
     with pytest.raises(vla.CheckpointError, match="pass its tokenizer"):  # PaliGemma-size: needs --tokenizer
         write_pretrained(tmp_path / "big", vla.build("tiny", 7, 42, vocab=1000), layout)
         sde.main(small_rl_args(sde, tmp_path, checkpoint=str(tmp_path / "big"), output_dir=str(tmp_path / "x"), **FAST))
