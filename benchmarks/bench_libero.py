@@ -1,6 +1,6 @@
-"""LIBERO env stepping speed through the scripts' env path (LiberoEnvs: LiberoEnv in --env-workers processes, torch
-tensors out), driven by uniform random actions (a zero-cost policy), at 1 and 2 workers: with the scripts'
-observations (8-D state and two 128 px cameras, rendered by MuJoCo offscreen every step) and without rendering
+"""LIBERO env stepping speed through the scripts' env path (environments.LiberoEnvs: LiberoEnv in --env-workers
+processes, torch tensors out), driven by uniform random actions (a zero-cost policy), at 1 and 2 workers: with the
+scripts' observations (8-D state and two 128 px cameras, rendered by MuJoCo offscreen every step) and without rendering
 (robosuite built with has_offscreen_renderer=False, use_camera_obs=False: state only, what LIBERO allows
 without cameras; the images handed on are a 1-pixel placeholder).
 
@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-import flow_sde_ppo as script
+import environments as script
 
 
 class NoRenderLiberoEnv(script.LiberoEnv):

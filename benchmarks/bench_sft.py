@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import environments  # noqa: E402
 import sft_baseline as sft  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def main():
                             train_steps=50, batch_size=8, eval_episodes=1, num_eval_envs=1,
                             output_dir="runs/bench_sft/libero_spatial_tiny"))
     t_pipe = time.time() - t0
-    envs = sft.LiberoEnvs("libero_spatial", (0,), 1, 1000, True, torch.device("cpu"))
+    envs = environments.LiberoEnvs("libero_spatial", (0,), 1, 1000, True, torch.device("cpu"))
     envs.reset(seed=0)
     t0 = time.time()
     for _ in range(50):

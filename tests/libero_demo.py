@@ -18,7 +18,7 @@ def write_libero_demo_file(path, suite="libero_spatial", task_id=0, num_demos=2,
     from libero.libero.envs import OffScreenRenderEnv
     import libero.libero.envs.bddl_utils as bddl_utils
 
-    from sft_baseline import quat_xyzw_to_axis_angle
+    from environments import quat_xyzw_to_axis_angle
 
     bench = benchmark.get_benchmark_dict()[suite]()
     task = bench.get_task(task_id)

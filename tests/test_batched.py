@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import environments
 import vla
 from conftest import assert_same, small_rl_args, tiny_policy, write_sft_checkpoint
 
@@ -55,7 +56,7 @@ def cat(parts):
 def force_batched(monkeypatch, m) -> list:
     """The module's make_envs builds ManiSkill's batched branch on physx_cpu (n envs: n one-env simulations joined).
     -> the list of batched ManiSkillEnvs built, to check that they were used."""
-    cls, built = m.ManiSkillEnvs, []
+    cls, built = environments.ManiSkillEnvs, []
     params = list(inspect.signature(cls).parameters)
 
     def make(*args, **kw):
@@ -64,7 +65,7 @@ def force_batched(monkeypatch, m) -> list:
         built.extend(members)
         return members[0] if len(members) == 1 else Joined(members)
 
-    monkeypatch.setattr(m, "ManiSkillEnvs", make)
+    monkeypatch.setattr(environments, "ManiSkillEnvs", make)
     return built
 
 
@@ -143,7 +144,7 @@ def scripted_actions(obs, t):
 def rollout(m, batched, obs_mode, max_steps, steps):
     """Reset (seed 5, scenes rebuilt), `steps` actions (state: the cube held at step 30; rgb: random actions), a plain
     reset of the same seed -> the envs' outputs."""
-    envs = m.ManiSkillEnvs("PickCube-v1", 1, obs_mode, CTRL, max_steps, True, CPU, batched=batched)
+    envs = environments.ManiSkillEnvs("PickCube-v1", 1, obs_mode, CTRL, max_steps, True, CPU, batched=batched)
     out = [envs.reset(seed=5, rebuild=True)]
     obs = out[0]
     for t in range(steps):
@@ -166,10 +167,10 @@ def test_batched_branch_returns_what_the_cpu_workers_return(obs_mode, monkeypatc
     draws with env 0's episode seed), so there its auto-resets draw from torch's global RNG and this test builds it
     with enhanced_determinism."""
     m = importlib.import_module("flow_sde_ppo")
-    make = m.gym.make
+    make = environments.gym.make
     max_steps, steps = (30, 44) if obs_mode == "state" else (6, 9)  # camera frames cost: a short rgb episode
     cpu = rollout(m, None, obs_mode, max_steps, steps)
-    monkeypatch.setattr(m.gym, "make", lambda *a, **kw: make(*a, **{"enhanced_determinism": True, **kw}))
+    monkeypatch.setattr(environments.gym, "make", lambda *a, **kw: make(*a, **{"enhanced_determinism": True, **kw}))
     batched = rollout(m, "physx_cpu", obs_mode, max_steps, steps)
     # The one difference: an episode's return, the same rewards summed in another order. The CPU path's is numpy's
     # np.sum of the reward list (pairwise: eight partial sums from 8 steps on), the batched branch's a running float32

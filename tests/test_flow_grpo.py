@@ -14,6 +14,7 @@ import pytest
 import torch
 import tyro
 
+import environments
 import flow_grpo as grpo
 import vla
 from conftest import backward_grads, main_checking_threads, small_rl_args, tiny_policy, write_sft_checkpoint
@@ -35,7 +36,7 @@ def test_group_advantages_on_hand_made_returns():
 
 
 def test_group_members_start_from_the_same_simulator_state():
-    envs = grpo.ManiSkillEnvs("PickCube-v1", 4, "state", "pd_ee_delta_pose", 10, False, torch.device("cpu"))
+    envs = environments.ManiSkillEnvs("PickCube-v1", 4, "state", "pd_ee_delta_pose", 10, False, torch.device("cpu"))
     obs = envs.reset(seed=[7, 7, 8, 8])
     states = [torch.as_tensor(e.unwrapped.get_state()) for e in envs.env.envs]  # full physics state per env
     assert torch.equal(states[0], states[1]) and torch.equal(states[2], states[3])

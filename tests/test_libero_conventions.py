@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import environments
 import flow_sde_ppo as script
 
 SUITE = "libero_spatial"
@@ -94,11 +95,11 @@ def test_observation_is_openpis(envs):
 
 def test_axis_angle_near_zero_rotation():
     """openpi returns zeros at w = 1; the scripts' atan2 form agrees there and stays accurate close to it."""
-    assert np.array_equal(script.quat_xyzw_to_axis_angle(np.array([0.0, 0.0, 0.0, 1.0])), np.zeros(3))
+    assert np.array_equal(environments.quat_xyzw_to_axis_angle(np.array([0.0, 0.0, 0.0, 1.0])), np.zeros(3))
     for angle in (1e-3, 0.5, 2.0, 3.1):
         axis = np.array([0.6, -0.8, 0.0])
         q = np.concatenate([axis * math.sin(angle / 2), [math.cos(angle / 2)]])
-        np.testing.assert_allclose(script.quat_xyzw_to_axis_angle(q), axis * angle, atol=1e-9)
+        np.testing.assert_allclose(environments.quat_xyzw_to_axis_angle(q), axis * angle, atol=1e-9)
         np.testing.assert_allclose(openpi_axis_angle(q), axis * angle, atol=1e-6)
 
 
@@ -133,7 +134,7 @@ def test_prompt_is_the_task_language(envs):
 def test_step_limits_are_openpis(envs):
     """openpi's max_steps per suite; the env truncates at its suite's limit, built so by make_envs."""
     envs, lib = envs
-    assert script.LIBERO_MAX_STEPS == OPENPI_MAX_STEPS
+    assert environments.LIBERO_MAX_STEPS == OPENPI_MAX_STEPS
     assert lib.max_steps == OPENPI_MAX_STEPS[SUITE]
     envs.reset(seed=0)
     lib.episode["episode_len"] = OPENPI_MAX_STEPS[SUITE] - 2  # skip ahead: 218 steps taken
@@ -189,7 +190,7 @@ class Dying(gym.Env):
 
 
 def test_a_dead_worker_names_what_its_envs_ran():
-    env = script.ProcessVectorEnv([partial(Dying, f"task {i // 2}") for i in range(4)], workers=2)
+    env = environments.ProcessVectorEnv([partial(Dying, f"task {i // 2}") for i in range(4)], workers=2)
     env.reset(seed=10)
     env.step(np.zeros((4, 2), np.float32))
     env.step(np.zeros((4, 2), np.float32))

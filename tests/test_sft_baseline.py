@@ -16,6 +16,7 @@ import pytest
 import torch
 import tyro
 
+import environments
 import sft_baseline as sft
 import vla
 from conftest import assert_same
@@ -164,7 +165,7 @@ def test_demos_start_as_the_envs_reset(maniskill_demos):
     reset with its seed does (the rest of the episode as the file holds it)."""
     eps = sft.load_maniskill_demos(maniskill_demos, 3, CTRL)
     seeds = [ep["episode_seed"] for ep in json.loads(maniskill_demos.with_suffix(".json").read_text())["episodes"]]
-    envs = sft.ManiSkillEnvs("PickCube-v1", 3, "state", CTRL, max_steps=10, ignore_terminations=True,
+    envs = environments.ManiSkillEnvs("PickCube-v1", 3, "state", CTRL, max_steps=10, ignore_terminations=True,
                              device=torch.device("cpu"), workers=1)
     reset = envs.reset(seed=seeds)["state"].numpy()  # [3, 42]
     envs.close()
@@ -204,7 +205,7 @@ def test_planner_acceleration_limit_sets_demo_pace(tmp_path, maniskill_demos, ca
 
 
 def test_maniskill_envs_cpu_batch_and_final_obs():
-    envs = sft.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, max_steps=3, ignore_terminations=True,
+    envs = environments.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, max_steps=3, ignore_terminations=True,
                              device=torch.device("cpu"))
     obs = envs.reset(seed=0)
     assert obs["state"].shape == (2, 42) and obs["images"] is None and envs.action_dim == 7
@@ -219,18 +220,15 @@ def test_maniskill_envs_cpu_batch_and_final_obs():
     envs.close()
 
 
-SCRIPTS = ["sft_baseline", "flow_sde_ppo", "flow_noise_ppo", "flow_grpo"]  # each carries its own copy of the envs
+SCRIPTS = ["sft_baseline", "flow_sde_ppo", "flow_noise_ppo", "flow_grpo"]  # each builds its envs with environments.py
 
 
-@pytest.mark.parametrize("module", SCRIPTS)
-def test_env_worker_processes_match_one_process(module, monkeypatch):
+def test_env_worker_processes_match_one_process(monkeypatch):
     """3 CPU envs split over 2 worker processes return exactly what one in-process SyncVectorEnv returns, through
     two auto-resets (the new episodes come from each env's own seeded RNG, not a process's global one); and the
     inference mode they step in (for speed) returns what stepping with autograd on does."""
-    m = importlib.import_module(module)
-
     def rollout(workers):
-        envs = m.ManiSkillEnvs("PickCube-v1", 3, "state", CTRL, max_steps=4, ignore_terminations=True,
+        envs = environments.ManiSkillEnvs("PickCube-v1", 3, "state", CTRL, max_steps=4, ignore_terminations=True,
                                device=torch.device("cpu"), workers=workers)
         g = torch.Generator().manual_seed(0)
         out = [envs.reset(seed=5)] + [envs.step(torch.rand(3, 7, generator=g) * 2 - 1) for _ in range(9)]
@@ -243,20 +241,18 @@ def test_env_worker_processes_match_one_process(module, monkeypatch):
     for o, r, te, tr, i in one[1:]:
         tensors += [o["state"], r, te, tr, i["success"], i["final_obs"]["state"], *i["episode"].values()]
     assert not any(t.is_inference() for t in tensors)  # later in-place writes and autograd would refuse them
-    monkeypatch.setattr(m.ManiSkillEnvs, "cpu_sim", lambda self: contextlib.nullcontext())
+    monkeypatch.setattr(environments.ManiSkillEnvs, "cpu_sim", lambda self: contextlib.nullcontext())
     assert_same(one, rollout(1))
     assert one[4][4]["episode"]["episode_len"].tolist() == [4, 4, 4]  # the steps did cross episode ends
 
 
-@pytest.mark.parametrize("module", SCRIPTS)
-def test_concat_envs_fills_keys_a_worker_left_out(module):
+def test_concat_envs_fills_keys_a_worker_left_out():
     """A worker whose envs did not finish has no final_obs / final_info: they come back as SyncVectorEnv fills them."""
-    m = importlib.import_module(module)
     done = {"success": np.array([True, False]), "final_obs": np.array([np.ones(2), None], dtype=object),
             "final_info": {"episode": {"return": np.array([3.0, 0.0]), "_return": np.array([True, False])}}}
     running = {"success": np.array([False])}
     obs = (np.zeros((2, 4)), np.ones((1, 4)))
-    out_obs, info = m.concat_envs([(obs[0], done), (obs[1], running)], [2, 1])
+    out_obs, info = environments.concat_envs([(obs[0], done), (obs[1], running)], [2, 1])
     assert out_obs.shape == (3, 4) and out_obs[2].tolist() == [1, 1, 1, 1]
     assert info["success"].tolist() == [True, False, False] and info["final_obs"][2] is None
     assert info["final_obs"].dtype == object and info["final_obs"][0].tolist() == [1, 1]
@@ -282,7 +278,7 @@ def test_sim_backend_errors_name_the_fix(module, monkeypatch):
 
     monkeypatch.setattr(sapien.physx, "enable_gpu", offline)
     with pytest.raises(RuntimeError, match=r"libPhysXGpu_64\.so.*--sim-backend physx_cpu"):
-        m.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, 10, True, cpu, batched="physx_cuda")
+        environments.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, 10, True, cpu, batched="physx_cuda")
 
 
 def test_end_to_end_smoke_and_resume(tmp_path, maniskill_demos, capsys, monkeypatch):
@@ -459,7 +455,7 @@ def test_libero_demo_reader_shapes(libero_file):
 
 
 def test_libero_envs_interface():
-    envs = sft.LiberoEnvs("libero_spatial", (0,), 1, max_steps=3, ignore_terminations=True, device=torch.device("cpu"))
+    envs = environments.LiberoEnvs("libero_spatial", (0,), 1, max_steps=3, ignore_terminations=True, device=torch.device("cpu"))
     obs = envs.reset(seed=0)
     assert obs["state"].shape == (1, 8) and obs["images"].shape == (1, 2, 128, 128, 3)
     assert obs["state"][0, 2] > 0.5  # eef height above the table, in metres: the 8-D proprio is in place
@@ -469,12 +465,12 @@ def test_libero_envs_interface():
     assert "pick" in envs.prompt or "place" in envs.prompt
     envs.close()
     with pytest.raises(ValueError, match=r"--task-ids \[10\] out of range: libero_spatial has tasks 0..9"):
-        sft.LiberoEnvs("libero_spatial", (10,), 1, 3, True, torch.device("cpu"))
+        environments.LiberoEnvs("libero_spatial", (10,), 1, 3, True, torch.device("cpu"))
 
 
 def test_rgb_mode_env_and_demo_reader(tmp_path, maniskill_demos):
     """Camera observations: images into the image slots, robot qpos as the state (the GPU default)."""
-    envs = sft.ManiSkillEnvs("PickCube-v1", 1, "rgb", CTRL, max_steps=5, ignore_terminations=True,
+    envs = environments.ManiSkillEnvs("PickCube-v1", 1, "rgb", CTRL, max_steps=5, ignore_terminations=True,
                              device=torch.device("cpu"))
     obs = envs.reset(seed=0)
     assert obs["images"].dtype == torch.uint8 and obs["images"].shape[:2] == (1, 1) and obs["images"].shape[-1] == 3
@@ -500,14 +496,13 @@ def test_evaluate_writes_video(tmp_path):
     assert (tmp_path / "v.mp4").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("module, workers", [(m, 2) for m in SCRIPTS] + [("flow_sde_ppo", 1)])
-def test_plain_resets_replay_as_new_envs(module, workers):
+@pytest.mark.parametrize("workers", [2, 1])
+def test_plain_resets_replay_as_new_envs(workers):
     """A CPU scene reports its last contacts until it steps, so a plain reset after a held cube read is_grasped = 1
     (ManiSkill 3.0.1), and the same seed then replayed differently for a policy that reads it. The envs report 0 at
     every reset, explicit or automatic at the time limit, and keep the true 1 in the ended episode's final
     observation: a plain reset replays the seed exactly as new envs and rebuilt scenes do."""
-    m = importlib.import_module(module)
-    envs = m.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, max_steps=30, ignore_terminations=True,
+    envs = environments.ManiSkillEnvs("PickCube-v1", 2, "state", CTRL, max_steps=30, ignore_terminations=True,
                            device=torch.device("cpu"), workers=workers)
     new, info = scripted_grasp(envs, rebuild=False, steps=30)  # the 30th step ends the episode: auto-reset
     assert (new[-2, :, 18] == 1).all() and (info["final_obs"]["state"][:, 18] == 1).all()  # held at the end
