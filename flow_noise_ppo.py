@@ -19,7 +19,6 @@ import os
 import random
 import sys
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +33,10 @@ from tqdm import tqdm
 import vla
 from environments import UsageError, check_env_args, make_envs, resolve_env_id
 
+
 @dataclass
 class Args:
-    # ManiSkill task (alias or full id) or LIBERO suite (libero_spatial, libero_object, libero_goal, libero_10)
-    env_id: str = "PickCube"
+    env_id: str = "PickCube"  # ManiSkill task (PickCube, PickCube-v1, ...) or LIBERO suite (libero_spatial, ...)
     task_ids: tuple[int, ...] = (0,)  # LIBERO: the suite's task indices
     checkpoint: str | None = None  # SFT checkpoint (default runs/sft/<env id>/checkpoint), or an openpi / LeRobot dir
     tokenizer: str | None = None  # the policy's tokenizer, if moved: a SentencePiece .model or a transformers dir
@@ -48,16 +47,14 @@ class Args:
     # time limit, since ending them at success would make early success cost the rest of the reward
     reward_mode: str = "normalized_dense"
     max_episode_steps: int = 80  # ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)
-    num_envs: int = 64  # training envs in all, split over torchrun ranks (the paper uses 320 on a GPU; 64 on CPU)
+    num_envs: int = 64  # training envs in all, split over torchrun ranks (the paper's 320 on a GPU; CPU: 64)
     num_steps: int = 20  # decisions (action chunks) per env per iteration: 20 x 4 actions = one 80-step episode
     total_iterations: int = 200  # iterations (rollout + update)
     time_budget_min: float | None = None  # stop after this many minutes of training (evaluation excluded)
-    action_chunk: int = 4  # C: actions run per decision, the chunk's first C (the paper's 5; 4 learned faster than 8)
+    action_chunk: int = 4  # C: actions run per decision, the chunk's first C (the paper's 5; shorter re-plans sooner)
     denoise_steps: int = 4  # K: denoising steps in rollouts and evaluation (the paper's); the update redoes all K
-    # lower bound of the noise head's std per step, in normalised action units: twice the paper's 0.08, which
-    # explored too little to learn as fast on CPU PickCube
-    sigma_min: float = 0.16
-    sigma_max: float = 0.32  # upper bound of the noise head's std (twice the paper's 0.16, like --sigma-min)
+    sigma_min: float = 0.16  # noise head's lowest std per step (normalised units): 2x the paper's 0.08, to explore more
+    sigma_max: float = 0.32  # noise head's highest std per step: 2x the paper's 0.16, like --sigma-min
     entropy_coef: float = 0.005  # weight of the entropy bonus of the step noises (the paper's)
     # "mean": the chain log-likelihood / its K+1 terms, as the reference code does, so the clip and --target-kl act
     # as on a one-step ratio; "sum": the exact log-likelihood (its ratio clips far more samples)
@@ -67,27 +64,22 @@ class Args:
     # output (pi0.5's); "expert_state": the expert's plus the state (pi0 only: it explains far more variance)
     critic_input: str = "expert_state"
     critic_detach: bool = True  # stop the value loss's gradient at the critic's input features
-    # discount per decision: 0.9 per 8 env steps, a horizon of about one episode (with the dense reward the
-    # paper's 0.99 makes values the critic chases for hundreds of iterations)
-    gamma: float = 0.9487
+    gamma: float = 0.9487  # discount per decision: 0.9 per 8 env steps, one episode (the paper's 0.99: slow value fit)
     gae_lambda: float = 0.9747  # GAE lambda per decision: 0.95 per 8 env steps
     update_epochs: int = 4  # PPO epochs per iteration
     num_minibatches: int = 8  # minibatches per epoch (each rank splits its own batch; gradients are averaged)
-    # accumulate gradients over micro-batches of this many decisions: memory for time (default: the whole minibatch)
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = None  # accumulate gradients over micro-batches this big (memory for time; None: off)
     prefix_store_gb: float = 1.0  # GB of the rollout's frozen-VLM prefixes kept for the update; more: recompute them
     grad_checkpointing: bool = False  # recompute the expert's activations in the backward pass (memory for time)
     vlm_dtype: str = "auto"  # frozen VLM's dtype: bfloat16, float32, auto (GPU: bfloat16; CPU: float32, bf16 is slow)
     clip_coef: float = 0.2  # PPO ratio clip
-    # value clip around the rollout's value; off: the paper's 0.2 suits rewards in [0, 1], not dense returns of ~25
-    value_clip: float | None = None
+    value_clip: float | None = None  # value clip around the rollout's V; off: the paper's 0.2 suits returns in [0, 1]
     huber_delta: float = 10.0  # Huber loss threshold of the value loss
     vf_coef: float = 1.0  # value loss weight
     lr: float = 3e-5  # actor (expert; the VLM is frozen) learning rate, annealed to 0 and held back by --target-kl
     noise_head_lr: float | None = None  # noise head's learning rate (default: --lr; scaled as --lr is)
     value_lr: float = 1e-3  # critic learning rate
-    # first iterations train only the critic (actor lr 0), so early advantages are not mostly value error
-    critic_warmup_iters: int = 5
+    critic_warmup_iters: int = 5  # critic-only iterations first (actor lr 0), so early advantages are not value error
     anneal_lr: bool = True  # decay the actor's lr linearly to 0 by --total-iterations or --time-budget-min
     max_grad_norm: float = 1.0  # gradient-norm clip
     target_kl: float | None = 0.05  # stop an iteration's epochs when the approximate KL exceeds this; None: never
@@ -220,9 +212,8 @@ def denoise_transition(policy, noise_head, prefix, x, k, K):
 
 
 def chain_logp(policy, noise_head, prefix, chain, args, action_dim, sample=False, generator=None):
-    """Log-likelihood terms [M, K+1, C, A] (the prior, then each step) of chains [M, K+1, H, D] under the current
-    parameters (K expert passes over one cached prefix) and the entropy H of the step noises. sample: first draw
-    each x_k+1 of `chain` from its step (x_0 given), so the rollout and the update share this code."""
+    """Log-likelihood terms [M, K+1, C, A] (prior, then each step) of chains [M, K+1, H, D] and the entropy H of the
+    step noises: K expert passes over one prefix. sample: draw each x_k+1 in `chain` first (the rollout's use)."""
     K, C, x0 = args.denoise_steps, args.action_chunk, chain[:, 0]
     terms, entropy = [gaussian_logp(x0, torch.zeros_like(x0), torch.ones_like(x0), C, action_dim)], 0.0
     for k in range(K):
@@ -316,9 +307,8 @@ def critic_feature_dim(policy, args) -> int:
 
 
 def compute_gae(rewards, values, dones, final_values, next_value, gamma, lam):
-    """GAE over decision points. rewards, values, dones, final_values: [T, N]; dones[t] = 1 when the episode ended
-    inside chunk t; final_values[t] = V(last observation) when it ended by the time limit (bootstrap), 0 when it
-    terminated; next_value [N] = V(observation after the last chunk). -> advantages, returns [T, N]."""
+    """GAE over decisions. [T, N] each: dones[t] = 1 if the episode ended in chunk t, final_values[t] = V(its last obs)
+    if the time limit cut it, else 0; next_value [N]: V(obs after the last chunk). -> advantages, returns [T, N]."""
     advantages, last = torch.zeros_like(rewards), torch.zeros_like(next_value)
     for t in reversed(range(len(rewards))):
         not_done = 1.0 - dones[t]
@@ -342,9 +332,8 @@ def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, 
 
 
 def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank=0, world=1) -> dict:
-    """Fixed-seed episodes run to the time limit (terminations ignored), executing the first C actions of each
-    chunk. Round r (seeds eval_seed + r * num_envs + i, sampling noise seeded with r) runs on rank r % world, so the
-    episodes do not depend on the number of ranks. -> means of the episode metrics over all ranks' episodes."""
+    """Fixed-seed episodes to the time limit, C actions per chunk. Round r (env seeds eval_seed + r * num_envs + i,
+    noise seed eval_seed + r) runs on rank r % world: the same episodes at any world size. -> means over all ranks."""
     policy.eval()
     prompts = getattr(envs, "prompts", [envs.prompt] * envs.num_envs)
     results, frames = {}, []
@@ -371,10 +360,19 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank
     return episode_means(results)
 
 
-# ================================================================================================ checks, checkpoints
-def check_args(args: Args):
-    """Reject bad options before anything slow starts (no env built, no model loaded): counts, bounds, choices,
-    sizes that divide, and from the checkpoint's JSON files alone the policy's chunk length and task."""
+# ================================================================================================ checks
+# --resume may change how long the run goes on, how often it evaluates and saves, and how it executes; a change to
+# any other option is reported. A different task, episode or chain is another run: those options must stay.
+RESUME_FREE = set("total_iterations time_budget_min eval_every eval_episodes num_eval_envs save_every capture_video "
+                  "track wandb_project env_workers sim_backend micro_batch_size grad_checkpointing prefix_store_gb "
+                  "update_threads vlm_dtype checkpoint output_dir resume tokenizer".split())
+RESUME_FIXED = ("env_id task_ids obs_mode control_mode reward_mode max_episode_steps action_chunk denoise_steps "
+                "critic_input").split()
+
+
+def check_args(args: Args) -> tuple[dict, Path, Path]:
+    """Refuse bad options before any env or model loads, reading the checkpoint's JSON files and safetensors headers
+    only. -> the checkpoint's meta (its run's, to resume), the run directory, the checkpoint to load."""
     def need(ok: bool, k: str, what: str):
         if not ok:
             raise UsageError(f"--{k.replace('_', '-')} {getattr(args, k)}: {what}")
@@ -401,8 +399,12 @@ def check_args(args: Args):
     need(n % args.num_minibatches == 0, "num_minibatches", f"{batch} does not split into {args.num_minibatches} "
          f"equal minibatches; use a divisor of {n}")
     run_dir = Path(args.output_dir or f"runs/flow_noise_ppo/{env_id}_{args.seed}")
-    ckpt = run_dir / "checkpoint" if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
-    ckpt = ckpt if ckpt.is_dir() else Path(f"{ckpt}.old")  # where a save killed between its renames left it
+    source = run_dir / "checkpoint" if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
+    ckpt = source if source.is_dir() else Path(f"{source}.old")  # where a save killed between its renames left it
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"--resume: no checkpoint at {source} (is --output-dir the run's directory?)"
+                                if args.resume else f"no SFT checkpoint at {source}: run `python sft_baseline.py "
+                                f"--env-id {args.env_id}` first, or pass --checkpoint")
     vla.checkpoint.read_safetensors(sorted(ckpt.glob("*.safetensors")), tensors=False)  # damaged weights: refused now
     config = vla.checkpoint.read_json(ckpt / "config.json") if (ckpt / "config.json").is_file() else {}
     if "preset" in config:  # ours (an openpi / LeRobot directory is checked as it loads)
@@ -416,51 +418,6 @@ def check_args(args: Args):
     if not args.resume and meta.get("env_id", env_id) != env_id:
         raise UsageError(f"{ckpt} was trained for {meta['env_id']}, not --env-id {args.env_id}: train one with `python "
                          f"sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one")
-
-
-def resume_point(args, run_dir: Path) -> int | None:
-    """--resume: the checkpoint's iteration, after dropping the metrics rows that a killed run logged past it (and a
-    line the kill cut short) through a temporary file; None, saying so, when the run already ended there."""
-    meta_file, metrics = run_dir / "checkpoint" / "meta.json", run_dir / "metrics.jsonl"
-    if not meta_file.is_file():
-        return 0  # load_policy says what is missing
-    meta, is_main = vla.checkpoint.read_json(meta_file), os.environ.get("RANK", "0") == "0"
-    at = meta["iteration"]
-    if at >= args.total_iterations or meta["train_time"] >= 60 * (args.time_budget_min or math.inf):
-        if is_main:
-            print(f"{run_dir} already finished at iteration {at} of {args.total_iterations}: raise "
-                  "--total-iterations (or --time-budget-min) to continue")
-        return None
-    if is_main:
-        rows = [r for r in metrics.read_text().splitlines() if r.endswith("}")] if metrics.exists() else []
-        metrics.with_suffix(".tmp").write_text("".join(r + "\n" for r in rows if json.loads(r)["iteration"] <= at))
-        os.replace(metrics.with_suffix(".tmp"), metrics)
-        print(f"resuming {run_dir} from iteration {at}")
-    return at
-
-
-# --resume may change how long the run goes on, how often it evaluates and saves, and how it executes; a change to
-# any other option is reported. A different task, episode or chain is another run: those options must stay.
-RESUME_FREE = {"total_iterations", "time_budget_min", "eval_every", "eval_episodes", "num_eval_envs", "save_every",
-               "capture_video", "track", "wandb_project", "env_workers", "sim_backend", "micro_batch_size",
-               "grad_checkpointing", "prefix_store_gb", "update_threads", "vlm_dtype", "checkpoint", "output_dir",
-               "resume", "tokenizer"}
-RESUME_FIXED = ("env_id", "task_ids", "obs_mode", "control_mode", "reward_mode", "max_episode_steps",
-                "action_chunk", "denoise_steps", "critic_input")
-
-
-def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None, A: int, S: int):
-    """The SFT checkpoint (or this run's own, to resume, refusing a changed task, episode or chain and printing other
-    changed options; openpi / LeRobot weights: built for the env's dims) -> policy, normaliser, extra, meta, path."""
-    path = resume_dir if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
-    if not path.is_dir() and not Path(f"{path}.old").is_dir():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (is --output-dir the run's directory?)"
-                                if args.resume else f"no SFT checkpoint at {path}: run `python sft_baseline.py "
-                                f"--env-id {args.env_id}` first, or pass --checkpoint")
-    policy, normalizer, extra, meta = vla.load_checkpoint(path, vlm_dtype=vlm_dtype, tokenizer=args.tokenizer,
-                                                          asset_id=args.asset_id, action_dim=A, state_dim=S)
-    if normalizer is None:
-        raise UsageError(f"{path} has no norm stats: the policy's state/action normalisation is unknown")
     if args.resume:  # the run's own options, saved in its checkpoint (tuples as JSON lists)
         saved, now = meta.get("args", {}), json.loads(json.dumps(asdict(args)))
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in RESUME_FREE}
@@ -472,18 +429,23 @@ def load_policy(args, env_id, resume_dir: Path, vlm_dtype: torch.dtype | None, A
         if changed:
             print("--resume with changed options: " + ", ".join(f"{flag(k)} {a} -> {b}" for k, (a, b) in
                                                                 changed.items()))
-    return policy, normalizer, extra, meta, path
+    return meta, run_dir, source
 
 
 # ================================================================================================ main
 def main(args: Args):
-    """Train; -> the last evaluation's metrics, the policy, the noise head and the critic."""
-    check_args(args)
+    """Train; -> the last evaluation's metrics, the policy, the noise head and the critic (Nones: the run had ended)."""
+    meta, run_dir, source = check_args(args)
     kind, env_id = resolve_env_id(args.env_id)
-    run_dir = Path(args.output_dir or f"runs/flow_noise_ppo/{env_id}_{args.seed}")
-    ckpt_dir = run_dir / "checkpoint"
-    start_iter = resume_point(args, run_dir) if args.resume else 0
-    if start_iter is None:
+    ckpt_dir, metrics_path = run_dir / "checkpoint", run_dir / "metrics.jsonl"
+    budget = 60 * args.time_budget_min if args.time_budget_min else math.inf  # seconds of training time
+    start_iter, global_step, train_time = 0, 0, 0.0
+    if args.resume:
+        start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
+    if start_iter >= args.total_iterations or train_time >= budget:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{run_dir} already finished at iteration {start_iter} of {args.total_iterations}: raise "
+                  "--total-iterations (or --time-budget-min) to continue")
         return {}, None, None, None
     rank, world, device = init_distributed()
     is_main, N = rank == 0, args.num_envs // world  # N: this rank's envs
@@ -492,22 +454,26 @@ def main(args: Args):
     micro_size = min(args.micro_batch_size or minibatch_size, minibatch_size)
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
 
-    # ---- policy (frozen VLM), critic, noise head, optimiser: from the SFT checkpoint or resumed from this run's
+    # ---- envs, policy (frozen VLM), critic, noise head, optimiser: from the SFT checkpoint or this run's own
     bf16 = args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda")
-    vlm_dtype = torch.bfloat16 if bf16 else None
+    vlm_dtype = torch.bfloat16 if bf16 else None  # None: as saved (float32)
     envs = make_envs(args, N, ignore_terminations=kind == "maniskill" and args.reward_mode != "sparse", device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
     # Training seeds never overlap the eval seeds (from 10_000) nor another rank's.
     obs = envs.reset(seed=args.seed * 1_000_003 + rank * 100_003 + start_iter)
     A, S = envs.action_dim, obs["state"].shape[1]
-    policy, normalizer, extra, meta, source = load_policy(args, env_id, ckpt_dir, vlm_dtype, A, S)
-    H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
+    # openpi / LeRobot weights are built for the env's dims; ours are checked against them below
+    policy, normalizer, extra, _ = vla.load_checkpoint(source, vlm_dtype=vlm_dtype, tokenizer=args.tokenizer,
+                                                       asset_id=args.asset_id, action_dim=A, state_dim=S)
+    if normalizer is None:
+        raise UsageError(f"{source} has no norm stats: the policy's state/action normalisation is unknown")
     if (policy.config.action_dim, policy.config.state_dim) != (A, S):
         raise UsageError(f"{source} reads {policy.config.state_dim}-D states and outputs {policy.config.action_dim}-D "
                          f"actions, but {env_id} with {args.obs_mode} obs and {args.control_mode} gives {S}-D states "
-                         f"and takes {A}-D actions: use a checkpoint trained for this env and control mode (train one "
-                         f"with `python sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one)")
+                         f"and takes {A}-D actions: train one with `python sft_baseline.py --env-id {args.env_id}`, "
+                         "or pass --checkpoint of one")
     policy.to(device).freeze_vlm(dtype=vlm_dtype).expert_checkpointing(args.grad_checkpointing)
+    H, D = policy.spec["chunk_size"], policy.spec["max_action_dim"]
     critic = Critic(critic_feature_dim(policy, args)).to(device)
     noise_head = NoiseHead(policy.spec["expert_hidden"], D, args.sigma_min, args.sigma_max).to(device)
     head_lr = args.lr if args.noise_head_lr is None else args.noise_head_lr
@@ -515,67 +481,60 @@ def main(args: Args):
     opt = torch.optim.AdamW([{"params": policy.trainable_parameters(), "lr": args.lr},
                              {"params": critic.parameters(), "lr": args.value_lr},
                              {"params": noise_head.parameters(), "lr": head_lr}], betas=(0.9, 0.95), weight_decay=0.0)
-    global_step, train_time = 0, 0.0
     if args.resume:
         if len(meta["optimizer"]) != len(opt.param_groups):
             raise UsageError(f"--resume: the checkpoint's optimizer has {len(meta['optimizer'])} parameter groups, "
-                             f"this script's has {len(opt.param_groups)} (the noise head's own group came with "
-                             "--noise-head-lr): start a new run from its policy with --checkpoint <its directory> "
-                             "(a new critic, noise head and optimizer)")
+                             f"this script's has {len(opt.param_groups)}: start a new run from its policy with "
+                             "--checkpoint <its directory> (a new critic, noise head and optimizer)")
         for name, module in (("critic", critic), ("noise_head", noise_head)):
             module.load_state_dict({k[len(name) + 1:]: v for k, v in extra.items() if k.startswith(name + ".")})
-        adam = defaultdict(dict)  # save() wrote AdamW's state as tensors optim.<param>.<key>
+        adam = {}  # AdamW's state, saved as flat tensors optim.<param>.<key>
         for key in (k for k in extra if k.startswith("optim.")):
             _, i, name = key.split(".", 2)
-            adam[int(i)][name] = extra[key]
-        opt.load_state_dict({"state": dict(adam), "param_groups": meta["optimizer"]})
-        global_step, train_time = meta["global_step"], meta["train_time"]
+            adam.setdefault(int(i), {})[name] = extra[key]
+        opt.load_state_dict({"state": adam, "param_groups": meta["optimizer"]})
     params = policy.trainable_parameters() + list(noise_head.parameters()) + list(critic.parameters())
     broadcast_parameters(params)
-    if is_main and start_iter < (w := args.critic_warmup_iters):
-        never = f": with --total-iterations {args.total_iterations} the actor never trains"
-        print(f"iterations {start_iter + 1}-{min(w, args.total_iterations)} train only the critic (actor frozen, "
-              f"--critic-warmup-iters {w})" + (never if args.total_iterations <= w else ""))
-    if args.track and is_main:
-        import wandb
-        wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(run_dir / "metrics.jsonl" if is_main else os.devnull, "a")  # one file, written by rank 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if args.resume:  # a run killed after logging an iteration but before saving it runs that iteration again
+            rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            keep = [r for r in rows if r.endswith("}") and json.loads(r)["iteration"] <= start_iter]  # a cut row: no }
+            metrics_path.with_suffix(".tmp").write_text("".join(r + "\n" for r in keep))
+            os.replace(metrics_path.with_suffix(".tmp"), metrics_path)
+            print(f"resuming {run_dir} from iteration {start_iter}")
+        if start_iter < (w := args.critic_warmup_iters):
+            never = f": with --total-iterations {args.total_iterations} the actor never trains"
+            print(f"iterations {start_iter + 1}-{min(w, args.total_iterations)} train only the critic (actor frozen, "
+                  f"--critic-warmup-iters {w})" + (never if args.total_iterations <= w else ""))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, config=asdict(args), name=run_dir.name)
+    metrics_file = open(metrics_path if is_main else os.devnull, "a")  # one file, written by rank 0
 
-    def log(row: dict):
+    def log(iteration: int, row: dict):
+        row = {"iteration": iteration, "global_step": global_step, "train_time": train_time, **row}
         print(json.dumps(row), file=metrics_file, flush=True)
         if args.track and is_main:
-            wandb.log(row, step=row["global_step"])
-
-    def save(iteration):
-        sd = opt.state_dict()  # AdamW's state as flat tensors (for safetensors), its param groups in the meta
-        extra = {**{f"critic.{k}": v for k, v in critic.state_dict().items()},
-                 **{f"noise_head.{k}": v for k, v in noise_head.state_dict().items()},
-                 **{f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}}
-        vla.save_checkpoint(ckpt_dir, policy, normalizer, extra, {
-            "iteration": iteration, "global_step": global_step, "train_time": train_time,
-            "optimizer": sd["param_groups"], "args": asdict(args), "env_id": env_id, "obs_mode": args.obs_mode,
-            "control_mode": args.control_mode, "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
-            "sft_checkpoint": meta.get("sft_checkpoint", str(source))})
+            wandb.log(row, step=global_step)
 
     def run_eval(iteration):
         video = run_dir / "videos" / f"eval_{iteration}.mp4" if args.capture_video and is_main else None
         m = evaluate(policy, normalizer, eval_envs, args, args.eval_episodes, video, rank, world)
-        log({"iteration": iteration, "global_step": global_step, "train_time": train_time,
-             **{f"eval/{k}": v for k, v in m.items()}})
+        log(iteration, {f"eval/{k}": v for k, v in m.items()})
         if is_main:
             tqdm.write(f"iter {iteration} step {global_step}: eval success_once {m['success_once']:.3f} "
                        f"success_at_end {m['success_at_end']:.3f}")
         return m
 
-    # ---- rollout storage: one row per decision point (action chunk)
+    # ---- rollout storage: one row per (decision point, env)
     prompts = getattr(envs, "prompts", [envs.prompt] * N)
-    images_on = obs["images"] is not None
-    obs_state = torch.zeros(T, N, obs["state"].shape[1], device=device)  # [T, N, state_dim]
-    obs_images = torch.zeros(T, N, *obs["images"].shape[1:], dtype=torch.uint8, device=device) if images_on else None
-    chains = torch.zeros(T, N, K + 1, H, D, device=device)  # x_0 (noise) .. x_K (action chunk)
-    logprobs = torch.zeros(T, N, C, A, device=device)
-    values, rewards, dones, final_values = (torch.zeros(T, N, device=device) for _ in range(4))
+    obs_state = torch.zeros(T, N, S, device=device)  # [T, N, state_dim]
+    obs_images = None if obs["images"] is None else torch.zeros(T, N, *obs["images"].shape[1:], dtype=torch.uint8,
+                                                                device=device)  # [T, N, cams, H, W, 3]
+    chains = torch.zeros(T, N, K + 1, H, D, device=device)  # [T, N, K+1, H, D]: x_0 (noise) .. x_K (action chunk)
+    logprobs = torch.zeros(T, N, C, A, device=device)  # [T, N, C, A]
+    values, rewards, dones, final_values = torch.zeros(4, T, N, device=device)  # [T, N] each
 
     def value_of(o, rows):  # V of observations o of the envs in `rows` [N] bool
         prefix = policy.encode_prefix(normalizer.normalize("state", o["state"]),
@@ -587,10 +546,10 @@ def main(args: Args):
     for iteration in range(start_iter, args.total_iterations):
         # ---- rollout
         policy.eval()
-        t0, episodes, prefixes = time.time(), defaultdict(list), []
+        t0, episodes, prefixes = time.time(), {}, []
         for step in range(T):
             obs_state[step] = obs["state"]
-            if images_on:
+            if obs_images is not None:
                 obs_images[step] = obs["images"]
             with torch.no_grad():
                 prefix = policy.encode_prefix(normalizer.normalize("state", obs["state"]), prompts, obs["images"])
@@ -600,10 +559,10 @@ def main(args: Args):
                 chains[step], terms = sample_chain(policy, noise_head, prefix, args, A)
                 logprobs[step] = reduce_terms(terms, args.logprob_reduction)
             actions = normalizer.unnormalize("actions", chains[step, :, K, :C, :A])  # [N, C, A]
-            alive = torch.ones(N, dtype=torch.bool, device=device)
-            truncated = torch.zeros(N, dtype=torch.bool, device=device)
-            final = {k: None if v is None else v.clone() for k, v in obs.items()}
-            reward = torch.zeros(N, device=device)
+            alive = torch.ones(N, dtype=torch.bool, device=device)  # [N]: still in the episode the chunk started in
+            truncated = torch.zeros_like(alive)  # [N]: ended by the time limit, so bootstrapped
+            reward = torch.zeros(N, device=device)  # [N]
+            final = {k: None if v is None else v.clone() for k, v in obs.items()}  # each env's last obs of its episode
             for c in range(C):
                 # An episode that ends inside the chunk is credited with its rewards up to its end; the rest of
                 # the chunk's actions run in the freshly reset episode and are credited to nobody.
@@ -615,7 +574,7 @@ def main(args: Args):
                         v[ended] = info["final_obs"][k][ended]
                 truncated |= trunc & ~term & alive
                 for k, v in info["episode"].items():
-                    episodes[k].append(v[term | trunc].float().cpu())
+                    episodes.setdefault(k, []).append(v[term | trunc].float().cpu())
                 alive &= ~ended
             global_step += N * C * world
             rewards[step], dones[step] = reward, (~alive).float()
@@ -629,8 +588,7 @@ def main(args: Args):
         # ---- advantages
         with torch.no_grad():
             next_value = value_of(obs, torch.ones(N, dtype=torch.bool))
-        advantages, returns = compute_gae(rewards, values, dones, final_values, next_value, args.gamma,
-                                          args.gae_lambda)
+        advantages, returns = compute_gae(rewards, values, dones, final_values, next_value, args.gamma, args.gae_lambda)
 
         # ---- PPO update: recompute all K transitions of each stored chain
         t1 = time.time()
@@ -638,38 +596,34 @@ def main(args: Args):
         # the env workers wait during the update: their cores are free
         torch.set_num_threads(args.update_threads or max(1, (os.cpu_count() or 1) // world))
         policy.train()
-        progress = iteration / args.total_iterations  # share of the run done, in iterations or in time
-        if args.time_budget_min is not None:
-            progress = max(progress, train_time / (60 * args.time_budget_min))
+        progress = max(iteration / args.total_iterations, train_time / budget)  # share of the run done
         scale = 0.0 if iteration < args.critic_warmup_iters else max(1.0 - progress, 0.0) if args.anneal_lr else 1.0
         opt.param_groups[0]["lr"], opt.param_groups[2]["lr"] = args.lr * scale, head_lr * scale
-        # [T, N, ...] -> [T * N, ...]: row i is env i % N
-        batch = {k: v.reshape(T * N, *v.shape[2:]) for k, v in (("state", obs_state), ("chain", chains),
-                 ("old_logp", logprobs), ("adv", advantages), ("ret", returns), ("old_value", values))}
-        b_images = obs_images.reshape(T * N, *obs_images.shape[2:]) if images_on else None
+        # the batch: [T, N, ...] -> [T * N, ...], row i is step i // N, env i % N
+        batch = {k: None if x is None else x.reshape(T * N, *x.shape[2:]) for k, x in dict(
+            state=obs_state, images=obs_images, chain=chains, old_logp=logprobs, adv=advantages, ret=returns,
+            old_value=values).items()}
+        b_adv, b_ret, b_val = batch["adv"], batch["ret"], batch["old_value"]
         b_prefix = vla.Prefix.cat(prefixes) if len(prefixes) == T else None
         prefixes.clear()
         # advantages normalised over all ranks' decisions: sum, sum of squares, count
-        b_adv = batch["adv"]
         s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), b_adv.new_tensor(float(b_adv.numel()))])
                               .double()).tolist()
         batch["adv"] = (b_adv - s / n) / (math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)) + 1e-8)
-        stats, epochs_run = defaultdict(list), 0
-        for epoch in range(args.update_epochs):
-            epochs_run = epoch + 1  # fewer than update_epochs when --target-kl stops the update
+        stats = {}
+        for epochs_run in range(1, args.update_epochs + 1):  # fewer when --target-kl stops the update
             perm = torch.randperm(T * N, device=device)
             for start in range(0, T * N, minibatch_size):
                 mb = perm[start:start + minibatch_size]
                 opt.zero_grad(set_to_none=True)
                 for micro in mb.split(micro_size):  # gradient accumulation over micro-batches
                     loss, mb_stats = ppo_loss(policy, noise_head, critic, normalizer, args, A,
-                                              images=b_images[micro] if images_on else None,
+                                              **{k: None if x is None else x[micro] for k, x in batch.items()},
                                               prompts=[prompts[i % N] for i in micro.tolist()],
-                                              prefix=None if b_prefix is None else b_prefix.select(micro),
-                                              **{k: v[micro] for k, v in batch.items()})
+                                              prefix=None if b_prefix is None else b_prefix.select(micro))
                     (loss * len(micro) / len(mb)).backward()
                     for k, v in mb_stats.items():
-                        stats[k].append(v)
+                        stats.setdefault(k, []).append(v)
                 average_gradients(params)
                 grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 if not torch.isfinite(grad_norm):  # the same on every rank: gradients were averaged
@@ -677,7 +631,7 @@ def main(args: Args):
                         f"the last good checkpoint is in {ckpt_dir}" if ckpt_dir.is_dir()
                         else "no checkpoint was written yet"))
                 opt.step()
-                stats["grad_norm"].append(grad_norm.item())
+                stats.setdefault("grad_norm", []).append(grad_norm.item())
             n_recent = args.num_minibatches * math.ceil(minibatch_size / micro_size)
             kl = all_reduce(torch.tensor(float(np.mean(stats["approx_kl"][-n_recent:])))).item() / world
             if args.target_kl is not None and kl > args.target_kl:  # every rank takes the same decision
@@ -686,7 +640,6 @@ def main(args: Args):
         update_time = time.time() - t1
         train_time += all_reduce(torch.tensor(rollout_time + update_time)).item() / world  # same on every rank
 
-        b_ret, b_val = batch["ret"], batch["old_value"]
         var_y = b_ret.var()
         row = mean_over_ranks({
             "rollout_sps": N * C * T / rollout_time * world,  # averaged over ranks: the total
@@ -695,17 +648,23 @@ def main(args: Args):
             "prefix_stored": float(b_prefix is not None),  # 1: the update reused the rollout's prefixes
             "explained_variance": (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan"),
             **{k: float(np.mean(v)) for k, v in stats.items()}})
-        row = {"iteration": iteration + 1, "global_step": global_step, "train_time": train_time, **row,
-               **{f"train/{k}": v for k, v in episode_means(episodes).items()}}
-        log(row)
-        bar.update(1)
+        row.update({f"train/{k}": v for k, v in episode_means(episodes).items()})  # over all ranks' episodes
+        log(iteration + 1, row)
         bar.set_postfix(success=f"{row.get('train/success_once', float('nan')):.2f}", kl=f"{row['approx_kl']:.4f}")
-        done = iteration + 1 == args.total_iterations or (args.time_budget_min is not None
-                                                           and train_time >= 60 * args.time_budget_min)
+        bar.update()
+        done = iteration + 1 == args.total_iterations or train_time >= budget
         if args.eval_episodes > 0 and (done or (args.eval_every and (iteration + 1) % args.eval_every == 0)):
             eval_metrics = run_eval(iteration + 1)
         if is_main and (done or (iteration + 1) % args.save_every == 0):
-            save(iteration + 1)
+            sd = opt.state_dict()  # AdamW's state as flat tensors (for safetensors), its param groups in the meta
+            tensors = {**{f"critic.{k}": v for k, v in critic.state_dict().items()},
+                       **{f"noise_head.{k}": v for k, v in noise_head.state_dict().items()},
+                       **{f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}}
+            vla.save_checkpoint(ckpt_dir, policy, normalizer, tensors, {
+                "iteration": iteration + 1, "global_step": global_step, "train_time": train_time, "env_id": env_id,
+                "optimizer": sd["param_groups"], "args": asdict(args), "obs_mode": args.obs_mode, "control_mode":
+                args.control_mode, "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
+                "sft_checkpoint": meta.get("sft_checkpoint", str(source))})
         if done:
             break
     bar.close(), envs.close(), eval_envs.close(), metrics_file.close()

@@ -42,25 +42,20 @@ class Args:
     asset_id: str | None = None  # openpi / LeRobot checkpoint: which of its norm stats (assets/<asset_id>/) to use
     obs_mode: str | None = None  # "state" or "rgb" (default: the SFT checkpoint's)
     control_mode: str | None = None  # ManiSkill controller (default: the SFT checkpoint's)
-    # ManiSkill reward: normalized_dense, dense or sparse (LIBERO: 1 on success). Dense-reward episodes run to the
-    # time limit, so an early success does not forfeit the rest of the episode's reward; sparse learned more slowly
-    reward_mode: str = "normalized_dense"
+    reward_mode: str = "normalized_dense"  # normalized_dense, dense, sparse (LIBERO: 1 on success); dense: more signal
     max_episode_steps: int = 80  # ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)
-    num_envs: int = 64  # training envs in all, split over torchrun ranks (paper: 320 on a GPU; on CPU 64 beat 16)
+    num_envs: int = 64  # training envs in all, split over torchrun ranks (the paper's 320 on a GPU; CPU envs are slow)
     num_steps: int = 20  # decisions (action chunks) per env per iteration: 20 x 4 actions = one 80-step episode
     total_iterations: int = 200  # iterations (rollout + update)
     time_budget_min: float | None = None  # stop after this many training minutes (not eval), even with iterations left
-    action_chunk: int = 4  # C: actions executed per decision, the chunk's first C (the paper: 5; here 4 beat 8)
-    denoise_steps: int = 4  # K: denoising steps in rollouts and evaluation (the paper's 4; K = 2 learned no better)
-    noise_level: float = 1.2  # SDE noise a: s_t = a sqrt(t/(1-t)) (paper: 0.5); 1.2 explored best on PickCube at K = 4
+    action_chunk: int = 4  # C: actions executed per decision (the paper's 5; shorter chunks re-plan more often)
+    denoise_steps: int = 4  # K: denoising steps in rollouts and evaluation (the paper's 4)
+    noise_level: float = 1.2  # SDE noise a: s_t = a sqrt(t/(1-t)) (the paper's 0.5; one noisy step in 4 needs more)
     ratio_level: str = "chunk"  # "chunk": one ratio per decision (C x A log-probs summed); "token": one per entry
-    # "expert": mean of the action expert's output tokens (the paper's pi0 critic); "vlm": mean of the VLM prefix
-    # output (pi0.5's); "expert_state": the expert's plus the normalised state (pi0 only; a far better value fit)
+    # critic features: "expert" (the paper's pi0 critic), "vlm" (pi0.5's), "expert_state" (pi0: + state, fits best)
     critic_input: str = "expert_state"
     critic_detach: bool = True  # stop the value loss's gradient at the critic's input features
-    # discount per decision: 0.9 per 8 env steps (sqrt 0.9 per 4-step decision), a horizon of about one episode
-    # (the paper's 0.99 made dense-reward values of ~250 that the critic chased for hundreds of iterations)
-    gamma: float = 0.9487
+    gamma: float = 0.9487  # discount per decision, 0.9 per 8 env steps: a one-episode horizon keeps values small
     gae_lambda: float = 0.9747  # GAE lambda per decision: 0.95 per 8 env steps (sqrt 0.95 per 4-step decision)
     update_epochs: int = 4  # PPO epochs per iteration
     num_minibatches: int = 8  # minibatches per epoch (each rank splits its own batch; the ranks' gradients averaged)
@@ -72,15 +67,12 @@ class Args:
     value_clip: float | None = None  # clip of V around the rollout's; off: the paper's 0.2 suits values in [0, 1]
     huber_delta: float = 10.0  # Huber threshold of the value loss
     vf_coef: float = 1.0  # value loss weight
-    # actor learning rate at the start (expert, projections; the VLM is frozen), annealed to 0 and held back by
-    # --target-kl; above the paper's 5e-6 for pi0's 300M expert because the tiny policy is far smaller
-    lr: float = 3e-5
+    lr: float = 3e-5  # actor lr (expert, projections; VLM frozen): the paper's 5e-6 is for pi0's far larger expert
     value_lr: float = 1e-3  # critic learning rate
     critic_warmup_iters: int = 5  # critic-only iterations first (actor lr 0), so early advantages are not value error
     anneal_lr: bool = True  # decay the actor's lr linearly to 0 by the run's end (iterations or --time-budget-min)
     max_grad_norm: float = 1.0  # gradient-norm clip
-    # end an iteration's epochs once the approximate KL passes this (None: never); it makes the larger lr safe
-    target_kl: float | None = 0.05
+    target_kl: float | None = 0.05  # end the epochs once approximate KL passes this (None: never); it keeps the lr safe
     eval_every: int = 10  # evaluate every N iterations and before the first and after the last (0: only those two)
     eval_episodes: int = 100  # evaluation episodes (fixed seeds, deterministic ODE); 0 disables evaluation
     num_eval_envs: int = 10  # parallel evaluation environments (per rank)
@@ -164,12 +156,12 @@ def mean_over_ranks(row: dict[str, float]) -> dict[str, float]:
 
 
 # ================================================================================================ Flow-SDE
-# Sampling (sample_chunk): x_1 ~ N(0, I) [N, H, D]; K steps on t = 1 - k/K. Step k* (uniform per sample) is the SDE
-# step with the ODE's marginals (sde_mean_std), every other step the ODE step x - v/K:
+# The SDE step (sample_chunk): x_1 ~ N(0, I) [N, H, D]; K steps on t = 1 - k/K. Step k* (uniform per sample) is the
+# SDE step with the ODE's marginals (sde_mean_std), every other step the ODE step x - v/K:
 #     x' = mean + std xi,  mean = x - [v + s_t^2 / (2t) (x + (1 - t) v)] / K,  std = s_t / sqrt(K),
 #     s_t = a sqrt(t / (1 - t))  (at t = 1 the next grid point's 1 - t = 1/K: s_1 = a sqrt(K)).
-# Log-prob (gaussian_logp, step_logp): log N(x'; mean, std^2) of the executed C x A entries of that one step.
-# PPO (ppo_loss): r = exp(logp_new - logp_old), L = mean max(-A r, -A clip(r, 1 - eps, 1 + eps))
+# Its log-prob (gaussian_logp, step_logp): log N(x'; mean, std^2) of the executed C x A entries of that one step.
+# The PPO loss (ppo_loss): r = exp(logp_new - logp_old), L = mean max(-A r, -A clip(r, 1 - eps, 1 + eps))
 #     + vf_coef mean Huber(V - R) (with --value-clip: the max of it and the clipped V's).
 # GAE (compute_gae) over decisions: delta_t = r_t + gamma [(1 - d_t) V_t+1 + V(final obs)_t] - V_t,
 #     A_t = delta_t + gamma lambda (1 - d_t) A_t+1, R_t = A_t + V_t.
@@ -219,9 +211,8 @@ def step_logp(policy, prefix, x_before, x_after, k_star, args, action_dim):
 
 def ppo_loss(policy, critic, normalizer, args, action_dim, state, images, prompts, x_before, x_after, k_star,
              old_logp, adv, ret, old_value, prefix=None):
-    """Clipped surrogate on the recomputed SDE step + Huber value loss for a minibatch of M decisions (prefix: the
-    rollout's, else encoded here). -> loss, stats."""
-    if prefix is None:  # VLM frozen: no grad
+    """Clipped surrogate on the recomputed SDE step + Huber value loss of a minibatch of M decisions -> loss, stats."""
+    if prefix is None:  # not stored in the rollout: encoded here (VLM frozen: no grad)
         prefix = policy.encode_prefix(normalizer.normalize("state", state), prompts, images)
     log_ratio = step_logp(policy, prefix, x_before, x_after, k_star, args, action_dim) - old_logp  # [M, C, A]
     if args.ratio_level == "chunk":
@@ -344,8 +335,6 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
     def need(ok: bool, name: str, problem: str):
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: {problem}")
-    hint = {"num_envs": " (the paper uses 320 on a GPU, 64 on CPU)", "denoise_steps": " (the paper uses 4)",
-            "noise_level": " (the noise level a: 1.2)", "update_threads": " (omit it for the cores per rank)"}
     for names, ok, problem in (  # None: a default computed at run time, or off
             ("num_envs num_steps total_iterations update_epochs num_minibatches denoise_steps action_chunk save_every "
              "micro_batch_size update_threads", lambda v: v >= 1, "must be at least 1"),
@@ -354,19 +343,17 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
             ("eval_every eval_episodes critic_warmup_iters prefix_store_gb lr value_lr", lambda v: v >= 0,
              "must not be negative")):
         for k in names.split():
-            need(getattr(args, k) is None or ok(getattr(args, k)), k, problem + hint.get(k, ""))
-    for k, choices in (("ratio_level", ("chunk", "token")), ("critic_input", ("expert", "vlm", "expert_state")),
-                       ("vlm_dtype", ("auto", "bfloat16", "float32")),
-                       ("reward_mode", ("normalized_dense", "dense", "sparse"))):
-        need(getattr(args, k) in choices, k, f"choose {', '.join(choices)}")
+            need(getattr(args, k) is None or ok(getattr(args, k)), k, problem)
+    for k, choices in (("ratio_level", "chunk token"), ("critic_input", "expert vlm expert_state"),
+                       ("vlm_dtype", "auto bfloat16 float32"), ("reward_mode", "normalized_dense dense sparse")):
+        need(getattr(args, k) in choices.split(), k, f"choose {', '.join(choices.split())}")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's ranks
     need(args.num_envs % world == 0, "num_envs", f"does not split over {world} ranks: use a multiple of {world}")
     N, ranks = args.num_envs // world, " per rank" if world > 1 else ""
-    batch = N * args.num_steps
-    need(args.num_minibatches <= batch, "num_minibatches", f"more minibatches than the {batch} decisions per "
-         f"iteration{ranks} (num_envs {N} x num_steps {args.num_steps}); use at most {batch}")
-    need(batch % args.num_minibatches == 0, "num_minibatches", f"the batch of {batch} decisions{ranks} (num_envs "
-         f"{N} x num_steps {args.num_steps}) does not split into {args.num_minibatches} equal minibatches")
+    batch, mb = N * args.num_steps, args.num_minibatches
+    decisions = f"{batch} decisions per iteration{ranks} (num_envs {N} x num_steps {args.num_steps})"
+    need(mb <= batch, "num_minibatches", f"more minibatches than the {decisions}; use at most {batch}")
+    need(batch % mb == 0, "num_minibatches", f"the batch of {decisions} does not split into {mb} equal minibatches")
 
     run_dir = Path(args.output_dir or f"runs/flow_sde_ppo/{env_id}_{args.seed}")
     source = run_dir / "checkpoint" if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
@@ -388,8 +375,7 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
     if not args.resume and meta.get("env_id", env_id) != env_id:  # a resumed run's task: refused below
         raise UsageError(f"--env-id {args.env_id}: the checkpoint {path} was trained for {meta['env_id']}; train one "
                          f"with `python sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one")
-    if args.resume:  # the options given against the run's own: it may go on longer, evaluate, save and execute
-        # otherwise (free); a changed task, episode or chain is another run (refused); other changes are printed
+    if args.resume:  # a changed task, episode, chain or critic is another run (refused); other changes printed
         free = set("total_iterations time_budget_min eval_every eval_episodes num_eval_envs save_every capture_video "
                    "track wandb_project env_workers sim_backend micro_batch_size grad_checkpointing prefix_store_gb "
                    "update_threads vlm_dtype checkpoint output_dir resume tokenizer".split())
@@ -413,9 +399,8 @@ def main(args: Args):
     kind, env_id = resolve_env_id(args.env_id)
     ckpt_dir, metrics_path = run_dir / "checkpoint", run_dir / "metrics.jsonl"
     budget = 60 * args.time_budget_min if args.time_budget_min else math.inf  # seconds of training time
-    start_iter, global_step, train_time = 0, 0, 0.0
-    if args.resume:
-        start_iter, global_step, train_time = meta["iteration"], meta["global_step"], meta["train_time"]
+    resumed = meta if args.resume else {"iteration": 0, "global_step": 0, "train_time": 0.0}
+    start_iter, global_step, train_time = resumed["iteration"], resumed["global_step"], resumed["train_time"]
     if start_iter >= args.total_iterations or train_time >= budget:
         print(f"{run_dir} already finished at iteration {start_iter} of {args.total_iterations}: raise "
               "--total-iterations (or --time-budget-min) to continue")
@@ -427,20 +412,19 @@ def main(args: Args):
     micro_size = min(args.micro_batch_size or minibatch_size, minibatch_size)
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
 
-    # ---- policy (frozen VLM), envs, critic, optimiser: from the SFT checkpoint or resumed from this run's
-    bf16 = args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda")
-    vlm_dtype = torch.bfloat16 if bf16 else None  # None: as saved (float32)
+    # ---- envs, policy (frozen VLM), critic, optimiser: from the SFT checkpoint or resumed from this run's
+    # dense-reward episodes run to the time limit: an early success does not forfeit the rest of the episode's reward
     envs = make_envs(args, N, ignore_terminations=kind == "maniskill" and args.reward_mode != "sparse", device=device)
     eval_envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device)
-    # Training seeds never overlap the eval seeds (from 10_000) nor another rank's.
-    obs = envs.reset(seed=args.seed * 1_000_003 + rank * 100_003 + start_iter)
+    obs = envs.reset(seed=args.seed * 1_000_003 + rank * 100_003 + start_iter)  # apart from eval's and other ranks'
     A, S = envs.action_dim, obs["state"].shape[1]
-    # openpi / LeRobot weights are built for the env's dims; ours are checked against them below
+    bf16 = args.vlm_dtype == "bfloat16" or (args.vlm_dtype == "auto" and device.type == "cuda")
+    vlm_dtype = torch.bfloat16 if bf16 else None  # None: as saved (float32)
     policy, normalizer, extra, _ = vla.load_checkpoint(source, vlm_dtype=vlm_dtype, tokenizer=args.tokenizer,
                                                        asset_id=args.asset_id, action_dim=A, state_dim=S)
     if normalizer is None:
         raise UsageError(f"{source} has no norm stats: the policy's state/action normalisation is unknown")
-    if (policy.config.action_dim, policy.config.state_dim) != (A, S):
+    if (policy.config.action_dim, policy.config.state_dim) != (A, S):  # openpi / LeRobot weights: built for these
         raise UsageError(f"{source} reads {policy.config.state_dim}-D states and outputs {policy.config.action_dim}-D "
                          f"actions, but {env_id} with {args.obs_mode} obs and {args.control_mode} gives {S}-D states "
                          f"and takes {A}-D actions: train one with `python sft_baseline.py --env-id {args.env_id}`, "
@@ -499,6 +483,7 @@ def main(args: Args):
     k_stars, logp = torch.zeros(T, N, dtype=torch.long, device=device), torch.zeros(T, N, C, A, device=device)
     values, rewards, dones, final_values = torch.zeros(4, T, N, device=device)  # [T, N] each
 
+    @torch.no_grad()
     def value_of(o, rows):  # V of observations o of the envs in `rows` [N] bool
         prefix = policy.encode_prefix(normalizer.normalize("state", o["state"]),
                                       [p for p, r in zip(prompts, rows.tolist()) if r], o["images"])
@@ -520,13 +505,11 @@ def main(args: Args):
                     prefixes.append(prefix)
                 values[step] = critic(critic_features(policy, prefix, args))
                 chunk, x_before[step], x_after[step], k_stars[step], logp[step] = sample_chunk(policy, prefix, args, A)
-            actions = normalizer.unnormalize("actions", chunk[:, :C, :A])  # [N, C, A]
+            actions = normalizer.unnormalize("actions", chunk[:, :C, :A])  # [N, C, A]: the chunk's first C actions
             alive = torch.ones(N, dtype=torch.bool, device=device)  # [N]: still in the episode the chunk started in
             truncated, reward = torch.zeros_like(alive), torch.zeros(N, device=device)  # [N] each
             final = {k: None if v is None else v.clone() for k, v in obs.items()}  # each env's last obs of its episode
-            for c in range(C):
-                # An episode that ends inside the chunk is credited with its rewards up to its end; the rest of
-                # the chunk's actions run in the freshly reset episode and are credited to nobody.
+            for c in range(C):  # an episode ending in the chunk gets its rewards to its end; the reset one's: nobody
                 obs, r, term, trunc, info = envs.step(actions[:, c])
                 reward += r * alive
                 ended = (term | trunc) & alive
@@ -540,14 +523,12 @@ def main(args: Args):
             global_step += N * C * world
             rewards[step], dones[step], final_values[step] = reward, (~alive).float(), 0.0
             if truncated.any():  # bootstrap episodes cut by the time limit from their last observation
-                with torch.no_grad():
-                    final_values[step][truncated] = value_of({k: None if v is None else v[truncated]
-                                                             for k, v in final.items()}, truncated)
+                final_values[step][truncated] = value_of({k: None if v is None else v[truncated]
+                                                         for k, v in final.items()}, truncated)
         rollout_time = time.time() - t0
 
         # ---- advantages
-        with torch.no_grad():
-            next_value = value_of(obs, torch.ones(N, dtype=torch.bool))
+        next_value = value_of(obs, torch.ones(N, dtype=torch.bool))
         advantages, returns = compute_gae(rewards, values, dones, final_values, next_value, args.gamma, args.gae_lambda)
 
         # ---- PPO update: recompute only the stored SDE step of each decision
@@ -561,13 +542,12 @@ def main(args: Args):
         batch = {k: None if x is None else x.reshape(T * N, *x.shape[2:]) for k, x in dict(
             state=obs_state, images=obs_images, x_before=x_before, x_after=x_after, k_star=k_stars, old_logp=logp,
             adv=advantages, ret=returns, old_value=values).items()}
-        b_adv, b_ret, b_val = batch["adv"], batch["ret"], batch["old_value"]
         b_prefix = vla.Prefix.cat(prefixes) if len(prefixes) == T else None
         prefixes.clear()
         # advantages normalised over all ranks' decisions: sum, sum of squares, count
-        s, sq, n = all_reduce(torch.stack([b_adv.sum(), b_adv.square().sum(), b_adv.new_tensor(float(b_adv.numel()))])
-                              .double()).tolist()
-        batch["adv"] = (b_adv - s / n) / (math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)) + 1e-8)
+        s, sq, n = all_reduce(torch.stack([advantages.sum(), advantages.square().sum(),
+                                           advantages.new_tensor(float(advantages.numel()))]).double()).tolist()
+        batch["adv"] = (batch["adv"] - s / n) / (math.sqrt(max(sq - s * s / n, 0.0) / max(n - 1, 1)) + 1e-8)
         stats = {}
         for epochs_run in range(1, args.update_epochs + 1):  # fewer when --target-kl stops the update
             perm = torch.randperm(T * N, device=device)
@@ -590,7 +570,7 @@ def main(args: Args):
                         "no checkpoint was written yet"))
                 opt.step()
                 stats.setdefault("grad_norm", []).append(grad_norm.item())
-            n_recent = args.num_minibatches * math.ceil(minibatch_size / micro_size)
+            n_recent = args.num_minibatches * math.ceil(minibatch_size / micro_size)  # this epoch's loss calls
             kl = all_reduce(torch.tensor(float(np.mean(stats["approx_kl"][-n_recent:])))).item() / world
             if args.target_kl is not None and kl > args.target_kl:  # every rank takes the same decision
                 break
@@ -598,12 +578,12 @@ def main(args: Args):
         update_time = time.time() - t1
         train_time += all_reduce(torch.tensor(rollout_time + update_time)).item() / world  # same on every rank
 
-        var_y = b_ret.var()
+        var_y = returns.var()
         row = mean_over_ranks({
             "rollout_sps": N * C * T / rollout_time * world,  # averaged over ranks: the total
             "rollout_time": rollout_time, "update_time": update_time, "lr": opt.param_groups[0]["lr"],
             "epochs": epochs_run, "prefix_stored": float(b_prefix is not None),  # 1: the update reused the prefixes
-            "explained_variance": (1 - (b_ret - b_val).var() / var_y).item() if var_y > 0 else float("nan"),
+            "explained_variance": (1 - (returns - values).var() / var_y).item() if var_y > 0 else float("nan"),
             **{k: float(np.mean(v)) for k, v in stats.items()}})
         row.update({f"train/{k}": v for k, v in episode_means(episodes).items()})  # over all ranks' episodes
         log(iteration + 1, row)
