@@ -41,14 +41,14 @@ class Args:
     # normalized_dense, dense or sparse (LIBERO: 1 on success); a dense reward's episodes run to the time limit
     reward_mode: str = "normalized_dense"
     max_episode_steps: int = 80  # ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)
-    num_envs: int = 64  # total training envs, split among torchrun ranks in whole groups; on CPU PickCube 64 beat 16
+    num_envs: int = 64  # total training envs, in whole groups per torchrun rank (64: 8 groups, for steadier updates)
     group_size: int = 8  # G: environments per group, all starting from the same initial state
     filter_groups: bool = False  # drop groups whose mean success lies outside [0.1, 0.9] (nothing to compare)
     total_iterations: int = 200  # iterations (rollout + update)
     time_budget_min: float | None = None  # stop after this many training minutes (not eval), even with iterations left
-    action_chunk: int = 4  # C: actions executed per decision (the chunk's first C; paper: 5); 4 beat 8 on CPU PickCube
+    action_chunk: int = 4  # C: actions executed per decision (the chunk's first C; paper: 5; fewer re-plan more often)
     denoise_steps: int = 4  # K: denoising steps, in rollouts and evaluation
-    noise_level: float = 1.2  # SDE noise a: s_t = a sqrt(t/(1-t)) (paper: 0.5); 1.2 explored best on PickCube at K = 4
+    noise_level: float = 1.2  # SDE noise a: s_t = a sqrt(t/(1-t)) (paper: 0.5; larger explores more per SDE step)
     ratio_level: str = "chunk"  # "chunk": one ratio per decision (its C x A log-probs summed); "token": one per entry
     update_epochs: int = 2  # policy epochs per iteration (2-4)
     num_minibatches: int = 8  # minibatches per epoch (each rank splits its own batch; the ranks' gradients averaged)
@@ -58,8 +58,8 @@ class Args:
     vlm_dtype: str = "auto"  # frozen VLM's dtype: bfloat16 halves its memory (expert: float32); auto: bfloat16 on a GPU
     clip_coef: float = 0.2  # PPO ratio clip
     kl_coef: float = 0.0  # weight of a KL penalty to the SFT policy on the SDE step; 0 disables it and keeps no copy
-    lr: float = 1e-5  # lr of the expert and projections (VLM frozen); 1e-4 pushed KL above 1 per update; paper: 5e-6
-    anneal_lr: bool = False  # decay the lr linearly to 0 by the run's end (iterations or budget); constant did better
+    lr: float = 1e-5  # lr of the expert and projections (VLM frozen; paper: 5e-6); larger constant steps collapse
+    anneal_lr: bool = False  # decay the lr linearly to 0 by the end (iterations or budget); off: the lr is already low
     max_grad_norm: float = 1.0  # gradient-norm clip
     target_kl: float | None = None  # stop an iteration's epochs once the approximate KL exceeds this (logged: "epochs")
     eval_every: int = 10  # evaluate every N iterations and before the first and after the last (0: only those two)
@@ -271,11 +271,10 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank
 
 
 # ================================================================================================ main
-def check_args(args: Args) -> tuple[dict, Path, Path]:
-    """Fail on a user error before any env or model loads; fill in obs/control mode. -> meta, run dir, checkpoint."""
+def check_args(args: Args) -> tuple[str, str, dict, Path, Path]:
+    """User errors, found before any env or model loads; fills in obs/control mode. -> kind, env id, meta, dirs."""
     check_env_args(args)
     kind, env_id = resolve_env_id(args.env_id)
-
     def need(ok: bool, name: str, problem: str):
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: {problem}")
@@ -300,7 +299,6 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
     T = math.ceil((LIBERO_MAX_STEPS[env_id] if kind == "libero" else args.max_episode_steps) / args.action_chunk)
     need(args.num_minibatches <= N * T, "num_minibatches", f"more minibatches than the {N * T} decisions of an "
          f"iteration at most ({N} envs{' per rank' if world > 1 else ''} x {T} per episode); use at most {N * T}")
-
     run_dir = Path(args.output_dir or f"runs/flow_grpo/{env_id}_{args.seed}")
     source = run_dir / "checkpoint" if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
     path = source if source.is_dir() else Path(f"{source}.old")  # a save killed between its two renames left it here
@@ -318,8 +316,7 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
                          f"with `python sft_baseline.py --env-id {args.env_id}`, or pass --checkpoint of one")
     args.obs_mode = args.obs_mode or meta.get("obs_mode", "state")
     args.control_mode = args.control_mode or meta.get("control_mode", "pd_ee_delta_pose")
-    if args.resume:  # the options given against the run's own: it may go on longer, evaluate, save and execute
-        # otherwise (free); a changed task, episode or chain is another run (refused); other changes are printed
+    if args.resume:  # free options may change; a changed fixed one is another run (refused); other changes: printed
         free = set("total_iterations time_budget_min eval_every eval_episodes num_eval_envs save_every capture_video "
                    "track wandb_project env_workers sim_backend micro_batch_size grad_checkpointing prefix_store_gb "
                    "update_threads vlm_dtype checkpoint output_dir resume tokenizer".split())
@@ -332,13 +329,12 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
             raise UsageError(f"--resume: {'; '.join(refused)}: pass the run's values again, or start a new run")
         if changed:
             print("--resume with changed options:", ", ".join(f"{flag[k]} {a} -> {b}" for k, (a, b) in changed.items()))
-    return meta, run_dir, source
+    return kind, env_id, meta, run_dir, source
 
 
 def main(args: Args):
     """Train; -> the last evaluation's metrics and the policy (None for a run already finished)."""
-    meta, run_dir, source = check_args(args)
-    kind, env_id = resolve_env_id(args.env_id)
+    kind, env_id, meta, run_dir, source = check_args(args)
     ckpt_dir, metrics_path = run_dir / "checkpoint", run_dir / "metrics.jsonl"
     budget = 60 * args.time_budget_min if args.time_budget_min else math.inf  # seconds of training time
     if args.resume and (meta["iteration"] >= args.total_iterations or meta["train_time"] >= budget):

@@ -402,9 +402,9 @@ def check_args(args: Args) -> tuple[dict, Path, Path]:
     source = run_dir / "checkpoint" if args.resume else Path(args.checkpoint or f"runs/sft/{env_id}/checkpoint")
     ckpt = source if source.is_dir() else Path(f"{source}.old")  # where a save killed between its renames left it
     if not ckpt.is_dir():
-        raise FileNotFoundError(f"--resume: no checkpoint at {source} (is --output-dir the run's directory?)"
-                                if args.resume else f"no SFT checkpoint at {source}: run `python sft_baseline.py "
-                                f"--env-id {args.env_id}` first, or pass --checkpoint")
+        raise UsageError(f"--resume: no checkpoint at {source} (is --output-dir the run's directory?)" if args.resume
+                         else f"no SFT checkpoint at {source}: run `python sft_baseline.py --env-id {args.env_id}` "
+                         "first, or pass --checkpoint")
     vla.checkpoint.read_safetensors(sorted(ckpt.glob("*.safetensors")), tensors=False)  # damaged weights: refused now
     config = vla.checkpoint.read_json(ckpt / "config.json") if (ckpt / "config.json").is_file() else {}
     if "preset" in config:  # ours (an openpi / LeRobot directory is checked as it loads)

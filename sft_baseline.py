@@ -38,11 +38,11 @@ class Args:
     env_id: str = "PickCube"  # ManiSkill task (alias or full id) or LIBERO suite: libero_{spatial,object,goal,10}
     task_ids: tuple[int, ...] = (0,)  # LIBERO: the suite's task indices to train and evaluate on
     obs_mode: str = "state"  # "state": the full state vector (CPU default); "rgb": camera images + robot proprio
-    # ManiSkill controller the demos are converted to (RL from it learns faster per env step than from joint deltas)
-    control_mode: str = "pd_ee_delta_pose"
+    control_mode: str = "pd_ee_delta_pose"  # ManiSkill controller (RL rises faster per env step on it than on joints)
     max_episode_steps: int = 80  # ManiSkill episode length in env steps, as in the paper (LIBERO uses its suite's)
-    num_demos: int = 200  # few-shot subset: the first N demos (200 start PickCube inside the 20-60% few-shot band)
-    planner_joint_acc: float = 0.9  # demo planner's joint acceleration limit: ManiSkill's own (faster did worse)
+    num_demos: int = 200  # few-shot subset: the first N demos (200: a PickCube start of 20-60% success, room for RL)
+    # demo planner's joint acceleration limit: ManiSkill's own (policies from faster demos end at the goal less often)
+    planner_joint_acc: float = 0.9
     demo_path: str | None = None  # ManiSkill .h5 (+ its .json) or LIBERO hdf5; default: make ManiSkill demos in demos/
     preset: str = "tiny"  # a fresh policy's size: tiny or tiny_pi05 (CPU), pi0 or pi05 (3B, random init)
     pretrained: str | None = None  # fine-tune these weights instead: openpi or LeRobot pi0 / pi0.5 dir (size detected)
@@ -128,28 +128,23 @@ def episode_means(episodes: dict[str, list[torch.Tensor]]) -> dict[str, float]:
 
 
 # ================================================================================================ demonstrations
-def generate_maniskill_demos(env_id: str, num_demos: int, obs_mode: str, control_mode: str, root="demos",
-                             joint_acc: float = 0.9) -> Path:
-    """Motion-planner demos (ManiSkill's solvers, seeds from 0, joint accelerations up to `joint_acc`) converted to
-    the control and observation mode by ManiSkill's replay tool. Reuses a file of this planner setting holding at
-    least `num_demos`: a converted one, else the planner's own (another control mode costs only the conversion)."""
+def generate_maniskill_demos(env_id, num_demos, obs_mode, control_mode, root="demos", joint_acc=0.9) -> Path:
+    """ManiSkill's motion-planner demos (seeds from 0, joint accelerations up to `joint_acc`), converted to the modes by
+    its replay tool. Reuses a file of this planner setting holding >= num_demos: a converted one, else the planner's."""
     record_dir = Path(root) / f"planner_acc{joint_acc:g}"
     folder, suffix = record_dir / env_id / "motionplanning", f".{obs_mode}.{control_mode}.physx_cpu.h5"
-    def size(f):  # mpN.h5 (the planner's) or mpN<suffix> (converted) -> N
-        n = f.name[2:].split(".")[0]
-        return int(n) if n.isdigit() else -1
-    converted = [f for f in folder.glob(f"mp*{suffix}") if size(f) >= num_demos]
-    if converted:
-        return min(converted, key=size)
-    raw = [f for f in folder.glob("mp*.h5") if f.name == f"mp{size(f)}.h5" and size(f) >= num_demos
-           and f.with_suffix(".json").exists()]
-    name = min(raw, key=size).stem if raw else f"mp{num_demos}"
+    def files(ending):  # {N: mpN<ending>} of the files holding at least num_demos
+        found = {f.name[2:].removesuffix(ending): f for f in folder.glob(f"mp*{ending}")}
+        return {int(n): f for n, f in found.items() if n.isdigit() and int(n) >= num_demos}
+    if converted := files(suffix):
+        return converted[min(converted)]
+    raw = {n: f for n, f in files(".h5").items() if f.with_suffix(".json").exists()}  # the planner's own
+    name = f"mp{min(raw) if raw else num_demos}"
     def run(what, *cmd):
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
-    # ManiSkill's runner has no option for the planner's limits: set the solver's default before running it (the
-    # solver scales mplib's default limits, 1 per joint, by its last argument joint_acc_limits).
+    # ManiSkill's runner has no acceleration option: set its solver's default joint_acc_limits (scales mplib's 1/joint)
     planner = ("import runpy; from mani_skill.examples.motionplanning.panda.motionplanner import "
                "PandaArmMotionPlanningSolver as S; init = S.__init__; "
                "assert init.__code__.co_varnames[init.__code__.co_argcount - 1] == 'joint_acc_limits'; "
@@ -173,13 +168,11 @@ def load_maniskill_demos(path: Path, num_demos: int, control_mode: str) -> list[
         raise FileNotFoundError(f"demo file {path} or its {meta_path.name} is missing")
     meta = json.loads(meta_path.read_text())
     env_id, env_kwargs = meta.get("env_info", {}).get("env_id"), meta.get("env_info", {}).get("env_kwargs", {})
-    if env_kwargs.get("control_mode") != control_mode:
-        raise UsageError(f"{path} was recorded with control mode {env_kwargs.get('control_mode')!r}, not "
-                         f"{control_mode!r}: convert it with python -m mani_skill.trajectory.replay_trajectory "
-                         f"-c {control_mode} -o state --save-traj")
+    if (recorded := env_kwargs.get("control_mode")) != control_mode:
+        raise UsageError(f"{path} was recorded with control mode {recorded!r}, not {control_mode!r}: convert it with "
+                         f"python -m mani_skill.trajectory.replay_trajectory -c {control_mode} -o state --save-traj")
     # The replay tool resets its scene between episodes without stepping it, so a first observation's is_grasped is
-    # the previous episode's last: cleared at the column FreshGraspFlag finds in an env of the file's settings
-    # (CPU, no rendering: same layout), so that the demos start as the envs do.
+    # the previous episode's last: cleared, as the envs' FreshGraspFlag clears it (its column found in a CPU env).
     grasp_col = None
     if env_kwargs.get("obs_mode") == "state":
         import mani_skill.envs  # noqa: F401  (registers the tasks)
@@ -195,7 +188,8 @@ def load_maniskill_demos(path: Path, num_demos: int, control_mode: str) -> list[
             if obs is None or "actions" not in g or (isinstance(obs, h5py.Group) and "sensor_data" not in obs):
                 raise UsageError(f"{path}: traj_{ep['episode_id']} lacks 'actions' or 'obs' (convert it with "
                                  "replay_trajectory -o state|rgb --save-traj to add observations)")
-            T = g["actions"].shape[0]
+            actions = g["actions"][:].astype(np.float32)  # [T, A]
+            T = len(actions)
             if isinstance(obs, h5py.Dataset):
                 state, images = obs[:T], None  # [T, D]
                 if grasp_col is not None:
@@ -203,8 +197,7 @@ def load_maniskill_demos(path: Path, num_demos: int, control_mode: str) -> list[
             else:
                 state = obs["agent/qpos"][:T]
                 images = np.stack([c["rgb"][:T] for c in obs["sensor_data"].values()], 1)  # [T, cams, H, W, 3]
-            episodes.append(dict(state=state.astype(np.float32), actions=g["actions"][:].astype(np.float32),
-                                 images=images))
+            episodes.append(dict(state=state.astype(np.float32), actions=actions, images=images))
     return episodes
 
 
@@ -235,17 +228,14 @@ def load_libero_demos(path: Path, num_demos: int) -> list[dict]:
 def make_chunks(episodes: list[dict], horizon: int):
     """Every (observation t, actions t..t+H-1) pair -> chunks [N, H, A] and mask [N, H] of steps inside the episode
     (an episode's tail is padded with its last action and masked out of the loss)."""
-    chunks, masks = [], []
-    for a in (ep["actions"] for ep in episodes):
-        idx = np.arange(len(a))[:, None] + np.arange(horizon)  # [T, H]: step t + h
-        chunks.append(a[np.minimum(idx, len(a) - 1)]), masks.append(idx < len(a))
-    return np.concatenate(chunks), np.concatenate(masks)
+    steps = [np.arange(len(ep["actions"]))[:, None] + np.arange(horizon) for ep in episodes]  # [T, H]: step t + h
+    chunks = [ep["actions"][np.minimum(t, len(t) - 1)] for ep, t in zip(episodes, steps)]  # [T, H, A]
+    return np.concatenate(chunks), np.concatenate([t < len(t) for t in steps])
 
 
 # ================================================================================================ flow matching
-# pi0's conditional flow matching. A demo's action chunk a [H, A] and Gaussian noise eps are joined on a straight
-# path x_t = t eps + (1 - t) a, with t ~ 0.001 + 0.999 Beta(1.5, 1) (more weight near the noise end t = 1); the
-# velocity field v_theta learns the path's velocity u = eps - a:
+# pi0's conditional flow matching. A demo's action chunk a [H, A] and Gaussian noise eps lie on the straight path
+# x_t = t eps + (1 - t) a, t ~ 0.001 + 0.999 Beta(1.5, 1) (weighted to the noise end t = 1), of velocity u = eps - a:
 #     L = E_{a, eps, t} || v_theta(x_t, t | o) - (eps - a) ||^2     (over the chunk's steps inside the episode)
 # Acting integrates dx/dt = v_theta from noise at t = 1 to an action chunk at t = 0 in K Euler steps.
 def flow_matching_loss(policy, state, prompts, images, actions, mask):
@@ -268,8 +258,7 @@ def sample_actions(policy, normalizer, obs, prompts, denoise_steps, action_dim, 
     N, H, D = state.shape[0], policy.spec["chunk_size"], policy.spec["max_action_dim"]
     x = torch.randn(N, H, D, device=state.device, generator=generator)  # [N, H, max_action_dim] at t=1
     for k in range(denoise_steps):
-        v, _ = policy.velocity(prefix, x, 1.0 - k / denoise_steps)
-        x = x - v / denoise_steps  # dt = -1/K
+        x = x - policy.velocity(prefix, x, 1.0 - k / denoise_steps)[0] / denoise_steps  # dt = -1/K
     return normalizer.unnormalize("actions", x[..., :action_dim])
 
 
@@ -304,21 +293,18 @@ def evaluate(policy, normalizer, envs, args, num_episodes, video_path=None, rank
 
 # ================================================================================================ main
 def check_args(args: Args) -> tuple[str, str, dict]:
-    """Fail on a user error before anything slow starts (no demo, env or model made) -> env kind, full env id, and
-    with --resume the checkpoint's meta (else {}), read from its JSON files alone."""
+    """User errors, found before any demo, env or model is made -> env kind, full env id, --resume's checkpoint meta."""
     check_env_args(args)  # --env-id, --sim-backend, --num-eval-envs, --max-episode-steps, --env-workers
     kind, env_id = resolve_env_id(args.env_id)
-
     def need(ok: bool, name: str, problem: str):
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: {problem}")
-    for names, ok, problem in (
-            ("num_demos chunk_size action_chunk denoise_steps train_steps batch_size", lambda v: v >= 1,
-             "must be at least 1"),
-            ("lr grad_clip planner_joint_acc", lambda v: v > 0, "must be positive"),
-            ("warmup_steps eval_episodes eval_every", lambda v: v >= 0, "must not be negative")):
-        for k in names.split():
-            need(ok(getattr(args, k)), k, f"{problem} (the default is {getattr(Args, k)})")
+    for k in "num_demos chunk_size action_chunk denoise_steps train_steps batch_size".split():
+        need(getattr(args, k) >= 1, k, f"must be at least 1 (the default is {getattr(Args, k)})")
+    for k in "lr grad_clip planner_joint_acc".split():
+        need(getattr(args, k) > 0, k, f"must be positive (the default is {getattr(Args, k)})")
+    for k in "warmup_steps eval_episodes eval_every".split():
+        need(getattr(args, k) >= 0, k, f"must not be negative (the default is {getattr(Args, k)})")
     need(args.action_chunk <= args.chunk_size, "action_chunk", f"exceeds --chunk-size {args.chunk_size}; execute at "
          f"most the {args.chunk_size} actions the policy predicts")
     for k, choices in (("obs_mode", ("state", "rgb")), ("preset", tuple(vla.PRESETS))):
@@ -354,28 +340,25 @@ def main(args: Args):
     is_main = rank == 0
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
 
-    # ---- demonstrations -> N samples: state, action chunk, its mask, images, prompt
-    demo_path = Path(args.demo_path) if args.demo_path else None
-    if demo_path is None:  # rank 0 generates the ManiSkill demos while the others wait, then they find them
-        if distributed() and not is_main:
-            dist.barrier()
-        demo_path = generate_maniskill_demos(env_id, args.num_demos, args.obs_mode, args.control_mode,
-                                             joint_acc=args.planner_joint_acc)
-        if distributed() and is_main:
-            dist.barrier()
+    # ---- demonstrations -> N samples: state, action chunk, its mask, images; one prompt (LIBERO's: the file's)
+    if args.demo_path is None and distributed() and not is_main:
+        dist.barrier()  # rank 0 generates the ManiSkill demos while the others wait, then they find them
+    demo_path = Path(args.demo_path) if args.demo_path else generate_maniskill_demos(
+        env_id, args.num_demos, args.obs_mode, args.control_mode, joint_acc=args.planner_joint_acc)
+    if args.demo_path is None and distributed() and is_main:
+        dist.barrier()
     episodes = (load_libero_demos(demo_path, args.num_demos) if kind == "libero"
                 else load_maniskill_demos(demo_path, args.num_demos, args.control_mode))
     if not episodes:
         raise UsageError(f"{demo_path} holds no demonstrations")
     if len(episodes) < args.num_demos:
         print(f"warning: {demo_path} holds only {len(episodes)} demonstrations (asked for {args.num_demos})")
-    prompt_of = lambda ep: ep.get("prompt", MANISKILL_TASKS.get(env_id.removesuffix("-v1")))  # LIBERO's: per file
+    prompt = episodes[0].get("prompt", MANISKILL_TASKS.get(env_id.removesuffix("-v1")))
     action_dim, state_dim = episodes[0]["actions"].shape[1], episodes[0]["state"].shape[1]
     states = torch.as_tensor(np.concatenate([ep["state"] for ep in episodes]))  # [N, state_dim]
     chunks, masks = (torch.as_tensor(x) for x in make_chunks(episodes, args.chunk_size))  # [N, H, A], [N, H]
     images = (torch.as_tensor(np.concatenate([ep["images"] for ep in episodes]))
               if episodes[0].get("images") is not None else None)  # [N, cams, H, W, 3] uint8
-    prompts = [prompt_of(ep) for ep in episodes for _ in range(len(ep["actions"]))]
     if is_main:
         print(f"{len(episodes)} demos, {len(states)} samples from {demo_path}")
 
@@ -395,7 +378,6 @@ def main(args: Args):
         for key in (k for k in extra if k.startswith("optim.")):
             state.setdefault(int(key.split(".")[1]), {})[key.split(".", 2)[2]] = extra[key]
         opt.load_state_dict({"state": state, "param_groups": resumed["optimizer"]})
-
     envs = make_envs(args, args.num_eval_envs, ignore_terminations=True, device=device) if args.eval_episodes else None
     if envs is not None and envs.action_dim != action_dim:
         raise UsageError(f"{demo_path} has {action_dim}-D actions but {env_id} with {args.control_mode} takes "
@@ -404,13 +386,12 @@ def main(args: Args):
         import wandb
         wandb.init(project=args.wandb_project, config=asdict(args), name=f"sft_{env_id}_{args.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main and args.resume:
+    if is_main and args.resume:  # rows logged after the checkpoint are logged again: dropped, as is a row cut short
         print(f"resuming {run_dir} from step {start}")
-        if metrics_path.is_file():  # rows a killed run logged after its checkpoint are logged again: drop them
-            rows = metrics_path.read_text().splitlines(keepends=True)
-            metrics_path.with_suffix(".tmp").write_text("".join(
-                r for r in rows if r.endswith("\n") and json.loads(r)["step"] <= start))  # and a row cut short
-            os.replace(metrics_path.with_suffix(".tmp"), metrics_path)  # at once: a kill leaves one whole file
+        rows = metrics_path.read_text().splitlines(keepends=True) if metrics_path.is_file() else []
+        kept = "".join(r for r in rows if r.endswith("\n") and json.loads(r)["step"] <= start)
+        metrics_path.with_suffix(".tmp").write_text(kept)
+        os.replace(metrics_path.with_suffix(".tmp"), metrics_path)  # at once: a kill leaves one whole file
     metrics_file = open(metrics_path if is_main else os.devnull, "a")  # one file, written by rank 0
 
     def log(row: dict):
@@ -431,7 +412,7 @@ def main(args: Args):
         opt.param_groups[0]["lr"] = lr
         idx = torch.randint(len(x_state), (args.batch_size,))
         imgs = images[idx].to(device) if images is not None else None
-        loss = flow_matching_loss(policy, x_state[idx.to(device)], [prompts[i] for i in idx.tolist()], imgs,
+        loss = flow_matching_loss(policy, x_state[idx.to(device)], [prompt] * len(idx), imgs,
                                   x_actions[idx.to(device)], masks[idx.to(device)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -455,11 +436,10 @@ def main(args: Args):
         if (done or (step + 1) % 1000 == 0) and is_main:  # the RL scripts read the env and its modes from meta
             sd = opt.state_dict()  # AdamW's state as flat tensors (safetensors), its param groups in the JSON
             optim = {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
-            vla.save_checkpoint(ckpt_dir, policy, normalizer, optim, {
-                "step": step + 1, "optimizer": sd["param_groups"], "args": asdict(args), "eval": eval_metrics,
-                "env_id": env_id, "prompt": prompt_of(episodes[0]), "action_chunk": args.action_chunk,
-                "denoise_steps": args.denoise_steps, "obs_mode": args.obs_mode, "control_mode": args.control_mode,
-                "demo_path": str(demo_path)})
+            vla.save_checkpoint(ckpt_dir, policy, normalizer, optim, {"step": step + 1,
+                "optimizer": sd["param_groups"], "args": asdict(args), "eval": eval_metrics, "env_id": env_id,
+                "prompt": prompt, "action_chunk": args.action_chunk, "denoise_steps": args.denoise_steps,
+                "obs_mode": args.obs_mode, "control_mode": args.control_mode, "demo_path": str(demo_path)})
     if is_main:
         print(f"checkpoint: {ckpt_dir} ({time.time() - t0:.0f} s)")
     metrics_file.close()

@@ -241,7 +241,7 @@ def test_smoke_two_iterations_and_resume(tmp_path, capsys, monkeypatch):
 
 
 def test_bad_inputs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no SFT checkpoint"):
+    with pytest.raises(fn.UsageError, match="no SFT checkpoint"):
         fn.main(small_rl_args(fn, tmp_path))
     write_sft_checkpoint(tmp_path, action_dim=6)
     with pytest.raises(ValueError, match="outputs 6-D actions, but PickCube-v1 .* takes 7-D actions"):

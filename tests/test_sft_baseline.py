@@ -455,7 +455,8 @@ def test_libero_demo_reader_shapes(libero_file):
 
 
 def test_libero_envs_interface():
-    envs = environments.LiberoEnvs("libero_spatial", (0,), 1, max_steps=3, ignore_terminations=True, device=torch.device("cpu"))
+    envs = environments.LiberoEnvs("libero_spatial", (0,), 1, max_steps=3, ignore_terminations=True,
+                                   device=torch.device("cpu"))
     obs = envs.reset(seed=0)
     assert obs["state"].shape == (1, 8) and obs["images"].shape == (1, 2, 128, 128, 3)
     assert obs["state"][0, 2] > 0.5  # eef height above the table, in metres: the 8-D proprio is in place
