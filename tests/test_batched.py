@@ -53,8 +53,8 @@ def cat(parts):
     return None if parts[0] is None else torch.cat(parts)
 
 
-def force_batched(monkeypatch, m) -> list:
-    """The module's make_envs builds ManiSkill's batched branch on physx_cpu (n envs: n one-env simulations joined).
+def force_batched(monkeypatch) -> list:
+    """make_envs builds ManiSkill's batched branch on physx_cpu (n envs: n one-env simulations joined).
     -> the list of batched ManiSkillEnvs built, to check that they were used."""
     cls, built = environments.ManiSkillEnvs, []
     params = list(inspect.signature(cls).parameters)
@@ -69,7 +69,7 @@ def force_batched(monkeypatch, m) -> list:
     return built
 
 
-def assert_batched_ran(m, built):
+def assert_batched_ran(built):
     from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
     assert built and all(e.batched and isinstance(e.env, ManiSkillVectorEnv) for e in built)
     assert all(e.env.base_env.backend.sim_backend == "physx_cpu" for e in built)
@@ -85,12 +85,12 @@ def test_batched_ppo(name, tmp_path, monkeypatch):
     """Two PPO iterations on one batched env: episodes of 6 steps end inside the second 4-action chunk, so the
     auto-reset, the final observation and the truncation bootstrap from it all run."""
     m = importlib.import_module(name)
-    built = force_batched(monkeypatch, m)
+    built = force_batched(monkeypatch)
     write_sft_checkpoint(tmp_path)
     args = small_rl_args(m, tmp_path, num_envs=1, num_eval_envs=1, num_steps=4, max_episode_steps=6,
                          eval_episodes=1)
     m.main(args)
-    assert_batched_ran(m, built)
+    assert_batched_ran(built)
     rows, train = train_rows(tmp_path)
     assert [r["iteration"] for r in train] == [1, 2] and train[-1]["global_step"] == 2 * 4 * args.action_chunk
     assert all(math.isfinite(r["pg_loss"]) and math.isfinite(r["v_loss"]) for r in train)
@@ -103,12 +103,12 @@ def test_batched_grpo(tmp_path, monkeypatch):
     """Two GRPO iterations: a group of 2 (GRPO refuses groups of 1, whose advantages are all 0), each member one
     batched physx_cpu simulation, reset to the group's seed; the evaluation runs on one batched env."""
     m = importlib.import_module("flow_grpo")
-    built = force_batched(monkeypatch, m)
+    built = force_batched(monkeypatch)
     write_sft_checkpoint(tmp_path)
     args = small_rl_args(m, tmp_path, num_envs=2, group_size=2, num_eval_envs=1, max_episode_steps=6,
                          eval_episodes=1)
     m.main(args)
-    assert_batched_ran(m, built)
+    assert_batched_ran(built)
     rows, train = train_rows(tmp_path)
     assert [r["iteration"] for r in train] == [1, 2]
     assert sum("eval/success_once" in r for r in rows) == 2
@@ -118,13 +118,13 @@ def test_batched_grpo(tmp_path, monkeypatch):
 def test_batched_sft_evaluation(tmp_path, monkeypatch):
     """sft_baseline's evaluation on one batched env: two rounds (the second reset without a rebuild), a video."""
     m = importlib.import_module("sft_baseline")
-    built = force_batched(monkeypatch, m)
+    built = force_batched(monkeypatch)
     policy, norm = tiny_policy()
     args = replace(m.Args(), eval_episodes=2, num_eval_envs=1, max_episode_steps=6, output_dir=str(tmp_path / "run"))
     envs = m.make_envs(args, 1, ignore_terminations=True, device=CPU)
     metrics = m.evaluate(policy, norm, envs, args, 2, video_path=tmp_path / "v.mp4")
     envs.close()
-    assert_batched_ran(m, built)
+    assert_batched_ran(built)
     assert metrics["episode_len"] == 6 and 0.0 <= metrics["success_once"] <= 1.0
     assert (tmp_path / "v.mp4").stat().st_size > 1000
 
